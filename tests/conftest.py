@@ -1,0 +1,213 @@
+"""Shared fixtures: a real IdP, and tokend started as a subprocess and watched through
+its JSON log lines, its files and its socket, as an application would."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import yaml
+
+from tests.idp_harness import IdP, default_clients, make_test_keys
+
+T = TypeVar("T")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def wait_until(
+    predicate: Callable[[], T], timeout: float = 15.0, interval: float = 0.02, what: str = ""
+) -> T:
+    """Poll ``predicate`` until it returns something truthy, or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def idp_keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return make_test_keys(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(scope="session")
+def idp(tmp_path_factory: pytest.TempPathFactory, idp_keys: dict[str, Any]) -> Iterator[IdP]:
+    """One real IdP for the session: rotation on, access tokens living 5 seconds."""
+    server = IdP(
+        tmp_path_factory.mktemp("idp"),
+        clients=default_clients(idp_keys["ec_public_jwk"], idp_keys["rsa_public_jwk"]),
+        access_token_ttl=5,
+    )
+    with server.start():
+        yield server
+
+
+@pytest.fixture
+def fresh_idp(idp: IdP) -> IdP:
+    """The session IdP with faults off, default settings and an empty request log."""
+    idp.reset()
+    return idp
+
+
+class Tokend:
+    """tokend running as a subprocess on a config written for the test."""
+
+    def __init__(self, workdir: Path, config: dict[str, Any]) -> None:
+        self.workdir = workdir
+        self.config = config
+        self.config_path = workdir / "config.yaml"
+        self.log_path = workdir / "tokend.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log_offset = 0
+        self._events: list[dict[str, Any]] = []
+
+    def write_config(self, config: dict[str, Any] | None = None) -> None:
+        if config is not None:
+            self.config = config
+        self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
+
+    def command(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "tokend", *args]
+
+    def start(self, *extra: str) -> Tokend:
+        self.write_config()
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the subprocess
+        self.proc = subprocess.Popen(
+            self.command("run", "-c", str(self.config_path), *extra),
+            cwd=self.workdir,
+            stdout=log,
+            stderr=log,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        log.close()
+        return self
+
+    def run_once(self, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        self.write_config()
+        result = subprocess.run(
+            self.command("run", "-c", str(self.config_path), "--once"),
+            cwd=self.workdir,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        with open(self.log_path, "a") as log:
+            log.write(result.stderr)
+        return result
+
+    def events(self, event: str | None = None, **match: Any) -> list[dict[str, Any]]:
+        """Every JSON log event so far (optionally those named ``event`` matching ``match``)."""
+        with open(self.log_path, "rb") as log:
+            log.seek(self._log_offset)
+            chunk = log.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        self._log_offset += len(complete)
+        for line in complete.decode(errors="replace").splitlines():
+            try:
+                parsed = json.loads(line)
+            except ValueError:
+                parsed = {"event": "_non_json", "line": line}
+            self._events.append(parsed)
+        return [
+            e
+            for e in self._events
+            if (event is None or e.get("event") == event)
+            and all(e.get(k) == v for k, v in match.items())
+        ]
+
+    def wait_event(
+        self, event: str, timeout: float = 20.0, count: int = 1, **match: Any
+    ) -> list[dict[str, Any]]:
+        def found() -> list[dict[str, Any]]:
+            self._check_alive()
+            hits = self.events(event, **match)
+            return hits if len(hits) >= count else []
+
+        return wait_until(found, timeout, what=f"{count}x {event} {match}")
+
+    def _check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None and self.proc.returncode != 0:
+            raise AssertionError(
+                f"tokend exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}"
+            )
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def token_file(self, account: str) -> Path:
+        return self.workdir / "tokens" / account / "token"
+
+    def token_json(self, account: str) -> dict[str, Any] | None:
+        path = self.workdir / "tokens" / account / "token.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+
+@pytest.fixture
+def tokend_factory(tmp_path: Path) -> Iterator[Callable[..., Tokend]]:
+    started: list[Tokend] = []
+
+    def make(config: dict[str, Any], name: str = "tokend") -> Tokend:
+        workdir = tmp_path / name
+        workdir.mkdir(exist_ok=True)
+        instance = Tokend(workdir, config)
+        started.append(instance)
+        return instance
+
+    yield make
+    for instance in started:
+        if instance.proc is not None and instance.proc.poll() is None:
+            instance.proc.kill()
+            instance.proc.wait(10)
+
+
+def base_config(idp: IdP, **serve: Any) -> dict[str, Any]:
+    """A config for the session IdP with the confidential basic-auth client, tuned for
+    5-second tokens (refresh margins in seconds, not minutes)."""
+    return {
+        "state": {"backend": "sqlite", "path": "./state/tokend.db"},
+        "serve": {
+            "socket": None,
+            "token_dir": "./tokens",
+            "metrics_listen": None,
+            "drain_timeout": "5s",
+            **serve,
+        },
+        "log": {"level": "debug"},
+        "refresh": {"min_margin": "1s"},
+        "providers": {
+            "idp": {
+                "issuer": idp.issuer,
+                "client_id": "basic-client",
+                "client_secret": "basic-secret",
+                "auth_method": "client_secret_basic",
+                "timeout": "3s",
+            }
+        },
+        "accounts": {},
+    }

@@ -1,0 +1,248 @@
+"""The configuration schema: what a tokend config file may say.
+
+It reads like the job: where state lives (``state``), how tokens are served
+(``serve``), whom to ask (``providers``) and for whom (``accounts``). Every model
+forbids unknown keys so a typo is an error, not a silently ignored setting.
+Secrets are ``SecretStr`` so they never show in a repr, a log or an error.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: object) -> float:
+    """``90``, ``"90"``, ``"90s"``, ``"5m"``, ``"1h"``, ``"250ms"``, ``"1d"`` -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 90, 90s, 5m or 1h")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.fullmatch(value)):
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    else:
+        raise ValueError("expected a duration like 90, 90s, 5m or 1h")
+    if not math.isfinite(seconds):
+        # YAML reads .inf and .nan as floats; neither is a usable wait.
+        raise ValueError("expected a finite duration like 90, 90s, 5m or 1h")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+def _check_name(value: str) -> str:
+    # The message leaves the value out: a key's path already shows it, and the
+    # ``provider`` field must not echo whatever was pasted into it.
+    if not NAME_PATTERN.fullmatch(value) or value in {".", ".."}:
+        raise ValueError(
+            "not a valid name: use 1-64 of A-Z a-z 0-9 . _ - and not '.' or '..' "
+            "(names become file names)"
+        )
+    return value
+
+
+def unknown_provider_message(name: str, defined: Iterable[str]) -> str:
+    """What to say about an account whose ``provider`` names no defined provider."""
+    names = sorted(defined)
+    return f"unknown provider {name!r} (defined: {', '.join(names) if names else 'none'})"
+
+
+def _not_empty(value: SecretStr | None) -> SecretStr | None:
+    # An empty secret is nearly always an interpolated variable that was set to "".
+    if value is not None and not value.get_secret_value():
+        raise ValueError("is empty (check the environment variable it comes from, if any)")
+    return value
+
+
+def _parse_mode(value: object) -> int:
+    # Quote modes in YAML ("0640"): a bare 0640 is read as octal by YAML 1.1 and
+    # arrives here as an int, which is taken as the numeric mode it already is.
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o7777:
+        return value
+    if isinstance(value, str) and re.fullmatch(r"0?o?[0-7]{3,4}", value):
+        return int(value.replace("o", ""), 8)
+    raise ValueError('expected a file mode such as "0640"')
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Name = Annotated[str, AfterValidator(_check_name)]
+FileMode = Annotated[int, BeforeValidator(_parse_mode)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StateConfig(_Model):
+    """Where durable account state lives."""
+
+    backend: Literal["sqlite"] = "sqlite"
+    path: Path = Path("./var/tokend.db")
+
+
+class ServeConfig(_Model):
+    """How tokens are handed out."""
+
+    socket: Path | None = Path("./run/tokend.sock")
+    socket_mode: FileMode = 0o660
+    token_dir: Path | None = Path("./run/tokens")
+    token_file_mode: FileMode = 0o640
+    metrics_listen: str | None = "127.0.0.1:9464"
+    # Bounded wait for in-flight refreshes to finish and commit on SIGTERM.
+    drain_timeout: Duration = 10.0
+
+
+class RefreshPolicyConfig(_Model):
+    """When to refresh, as fractions of a token's lifetime. Every field may be set per
+    provider and overridden per account."""
+
+    # Refresh at this fraction of the lifetime...
+    at_fraction: float | None = Field(default=None, gt=0, lt=1)
+    # ...give or take this fraction of the lifetime, at random...
+    jitter_fraction: float | None = Field(default=None, ge=0, lt=0.5)
+    # ...but never later than expiry - max(min_margin, margin_fraction * lifetime).
+    min_margin: Duration | None = None
+    margin_fraction: float | None = Field(default=None, ge=0, lt=1)
+    # Lifetime assumed when the IdP's response carries no usable expires_in.
+    default_lifetime: Duration | None = Field(default=None, gt=0)
+
+
+class ProviderConfig(_Model):
+    """An identity provider and this client's credentials at it."""
+
+    issuer: str | None = None
+    token_endpoint: str | None = None
+    client_id: str
+    client_secret: SecretStr | None = None
+    client_secret_file: Path | None = None
+    auth_method: Literal["client_secret_basic", "client_secret_post", "private_key_jwt", "none"] = (
+        "client_secret_basic"
+    )
+    private_key_file: Path | None = None
+    # Signing algorithm for private_key_jwt; default from the key type (EC P-256 -> ES256).
+    signing_alg: Literal["ES256", "RS256"] | None = None
+    user_agent: str | None = None
+    # Zero would fail every request at once.
+    timeout: Duration = Field(default=10.0, gt=0)
+    # Extra form parameters sent with every token request (e.g. audience, resource).
+    extra_params: dict[str, str] = Field(default_factory=dict)
+    refresh: RefreshPolicyConfig = Field(default_factory=RefreshPolicyConfig)
+    max_concurrency: int = Field(default=4, ge=1, le=1024)
+
+    # Per field so the error points at the key; the URL itself is not echoed because
+    # it may carry credentials (https://user:pass@host).
+    @field_validator("issuer", "token_endpoint")
+    @classmethod
+    def _check_url(cls, url: str | None) -> str | None:
+        if url is not None and not re.match(r"https?://", url):
+            raise ValueError("expected an http(s) URL such as https://idp.example.com")
+        return url
+
+    _check_secret = field_validator("client_secret")(_not_empty)
+
+    @model_validator(mode="after")
+    def _check(self) -> ProviderConfig:
+        if (self.issuer is None) == (self.token_endpoint is None):
+            raise ValueError("set exactly one of issuer (OIDC discovery) or token_endpoint")
+        if self.client_secret is not None and self.client_secret_file is not None:
+            raise ValueError("set client_secret or client_secret_file, not both")
+        has_secret = self.client_secret is not None or self.client_secret_file is not None
+        uses_secret = self.auth_method in ("client_secret_basic", "client_secret_post")
+        if uses_secret and not has_secret:
+            raise ValueError(
+                f"auth_method {self.auth_method} needs client_secret or client_secret_file"
+            )
+        # A setting that the chosen method never uses is as likely a mistake as a typo.
+        if has_secret and not uses_secret:
+            raise ValueError(
+                f"auth_method {self.auth_method} does not use a client secret: remove "
+                "client_secret/client_secret_file or use client_secret_basic/client_secret_post"
+            )
+        if self.auth_method == "private_key_jwt" and self.private_key_file is None:
+            raise ValueError("auth_method private_key_jwt needs private_key_file")
+        if self.auth_method != "private_key_jwt" and self.private_key_file is not None:
+            raise ValueError("private_key_file is only used with auth_method private_key_jwt")
+        if self.auth_method != "private_key_jwt" and self.signing_alg is not None:
+            raise ValueError("signing_alg is only used with auth_method private_key_jwt")
+        return self
+
+
+class AccountConfig(_Model):
+    """One account whose access token tokend keeps fresh."""
+
+    provider: Name
+    grant: Literal["refresh_token", "client_credentials"] = "refresh_token"
+    refresh_token: SecretStr | None = None
+    refresh_token_file: Path | None = None
+    scope: str | None = None
+    refresh: RefreshPolicyConfig = Field(default_factory=RefreshPolicyConfig)
+    # Readiness waits for required accounts only.
+    required: bool = True
+
+    _check_seed = field_validator("refresh_token")(_not_empty)
+
+    @model_validator(mode="after")
+    def _check(self) -> AccountConfig:
+        has_seed = self.refresh_token is not None or self.refresh_token_file is not None
+        if self.refresh_token is not None and self.refresh_token_file is not None:
+            raise ValueError("set refresh_token or refresh_token_file, not both")
+        if self.grant == "refresh_token" and not has_seed:
+            raise ValueError("grant refresh_token needs refresh_token or refresh_token_file")
+        if self.grant == "client_credentials" and has_seed:
+            raise ValueError("grant client_credentials takes no refresh token")
+        return self
+
+
+class LogConfig(_Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+
+class Config(_Model):
+    """A whole tokend config file."""
+
+    state: StateConfig = Field(default_factory=StateConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    # Refresh defaults for every provider and account.
+    refresh: RefreshPolicyConfig = Field(default_factory=RefreshPolicyConfig)
+    # Concurrent refreshes across all providers.
+    max_concurrency: int = Field(default=64, ge=1, le=100_000)
+    providers: dict[Name, ProviderConfig] = Field(default_factory=dict)
+    accounts: dict[Name, AccountConfig] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        # The loader checks this itself, per account and alongside every other error
+        # (this validator only runs once all fields are valid); it recognises this
+        # error by its type and drops it rather than report it twice.
+        for name, account in self.accounts.items():
+            if account.provider not in self.providers:
+                raise PydanticCustomError(
+                    "unknown_provider",
+                    "account {account}: {message}",
+                    {
+                        "account": name,
+                        "message": unknown_provider_message(account.provider, self.providers),
+                    },
+                )
+        return self

@@ -1,0 +1,661 @@
+"""The refresh engine: each account's state machine, scheduling and single flight.
+
+One refresh, end to end (the order in the success branch is tokend's core promise)::
+
+    timer fires -> single flight (the account's lock; the store's claim across replicas)
+      -> policy: breaker open? rate limit? -> wait
+      -> store: mark the refresh in flight (durable, before the token leaves)
+      -> IdP: token request -> classified outcome
+      -> success: store.put(new refresh + access token)  [durable]
+                  then publish: in-memory view, files, notifications
+      -> failure: policy -> state and next attempt
+      -> one log event; schedule the next refresh
+
+APScheduler decides *when*; the refresh itself runs in this engine's task group
+behind a concurrency cap. Nothing is fire-and-forget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from tokend.clock import Clock, SystemClock
+from tokend.config import AccountConfig, Config, read_secret_file
+from tokend.logs import get_logger, register_secret
+from tokend.model import AccountState, StoredAccount, TokenSet, fingerprint
+from tokend.oauth import FailureKind, Outcome, ProviderClient, TokenFailure, TokenResponse
+from tokend.policy import (
+    BackoffPolicy,
+    RefreshTiming,
+    is_lost_response,
+    refresh_at,
+    retry_delay,
+)
+from tokend.publish import Publisher
+from tokend.store import Store, StoreConflict, StoreError
+
+_log = get_logger()
+
+# A wall-clock jump bigger than this (against the monotonic clock) triggers a
+# recomputation of every account's schedule.
+_CLOCK_JUMP_TOLERANCE = 2.0
+_CLOCK_CHECK_INTERVAL = 5.0
+# Accounts due at start are spread over up to this many seconds.
+_START_SPREAD_MAX = 5.0
+
+
+@dataclass(eq=False)
+class Account:
+    """One account at run time. ``published`` is what publishers hand out; it only
+    ever changes after the token behind it is durably committed."""
+
+    name: str
+    config: AccountConfig
+    timing: RefreshTiming
+    record: StoredAccount
+    state: AccountState = AccountState.PENDING
+    published: TokenSet | None = None
+    # A committed-in-memory-only record: its rotated refresh token awaits a durable write.
+    unsaved: StoredAccount | None = None
+    last_error: str | None = None
+    last_refresh_at: float | None = None
+    next_attempt_at: float | None = None
+    failures: int = 0
+    lock: anyio.Lock = field(default_factory=anyio.Lock)
+    # Set (and replaced) whenever a refresh attempt ends: waiters watch it.
+    settled: anyio.Event = field(default_factory=anyio.Event)
+
+    @property
+    def provider(self) -> str:
+        return self.config.provider
+
+    def token_valid(self, now: float, min_valid: float = 0.0) -> bool:
+        return self.published is not None and self.published.is_valid(now, min_valid)
+
+
+@dataclass
+class _Provider:
+    name: str
+    client: ProviderClient | None
+    setup_error: str | None
+    limiter: anyio.CapacityLimiter
+
+
+class Engine:
+    """Keeps every configured account's access token fresh."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        clients: Mapping[str, ProviderClient],
+        *,
+        publishers: Sequence[Publisher] = (),
+        client_errors: Mapping[str, str] | None = None,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+        owner: str | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.publishers = list(publishers)
+        self.clock = clock or SystemClock()
+        self.rng = rng or random.Random()
+        # Identifies this process in the store's per-account claims.
+        self.owner = owner or f"tokend-{uuid.uuid4().hex[:12]}"
+        self.backoff = BackoffPolicy()
+        self.accounts: dict[str, Account] = {}
+        self.providers: dict[str, _Provider] = {
+            name: _Provider(
+                name=name,
+                client=clients.get(name),
+                setup_error=(client_errors or {}).get(name),
+                limiter=anyio.CapacityLimiter(pconf.max_concurrency),
+            )
+            for name, pconf in config.providers.items()
+        }
+        self._slots = anyio.Semaphore(config.max_concurrency)
+        self._due_send: MemoryObjectSendStream[str]
+        self._due_recv: MemoryObjectReceiveStream[str]
+        self._due_send, self._due_recv = anyio.create_memory_object_stream[str](math.inf)
+        self._queued: set[str] = set()
+        self._forced: set[str] = set()
+        self._stop = anyio.Event()
+        self._scheduler: Any = None
+        self._loaded = False
+
+    # -- start: load the store, reconcile seeds, serve what is still valid -------------
+
+    async def load(self) -> None:
+        """Load stored state and reconcile it with the configured seeds."""
+        if self._loaded:
+            return
+        stored = await self.store.load_all()
+        now = self.clock.time()
+        for name, aconf in self.config.accounts.items():
+            account = await self._reconcile(name, aconf, stored.get(name), now)
+            self.accounts[name] = account
+        self._loaded = True
+
+    def _timing_for(self, aconf: AccountConfig) -> RefreshTiming:
+        pconf = self.config.providers[aconf.provider]
+        return RefreshTiming.resolve(self.config.refresh, pconf.refresh, aconf.refresh)
+
+    async def _reconcile(
+        self, name: str, aconf: AccountConfig, stored: StoredAccount | None, now: float
+    ) -> Account:
+        timing = self._timing_for(aconf)
+        try:
+            seed = self._read_seed(aconf)
+        except (OSError, ValueError) as exc:
+            record = stored or StoredAccount(account=name)
+            account = Account(name, aconf, timing, record)
+            account.last_error = f"cannot read the seed refresh token: {exc}"
+            _log.error("seed_unreadable", account=name, error=account.last_error)
+            self._adopt_stored_token(account, now)
+            return account
+        seed_fp = fingerprint(seed) if seed is not None else None
+        if stored is not None and stored.seed_fingerprint == seed_fp:
+            # The store holds the chain rotated from this seed: the store wins.
+            record = stored
+            register_secret(record.refresh_token)
+            if record.in_flight_since is not None:
+                _log.warning(
+                    "refresh_was_in_flight",
+                    account=name,
+                    since=_iso(record.in_flight_since),
+                    detail="tokend stopped while a refresh was in flight; the IdP may have "
+                    "rotated the refresh token. Trying the stored one.",
+                )
+        else:
+            # First start, or the operator supplied a new seed: the new seed wins.
+            record = StoredAccount(
+                account=name,
+                seed_fingerprint=seed_fp,
+                refresh_token=seed,
+                updated_at=now,
+                version=stored.version if stored is not None else 0,
+            )
+            if stored is not None:
+                _log.info(
+                    "seed_changed",
+                    account=name,
+                    detail="a new seed token replaces the stored chain",
+                )
+            record = await self._put_or_keep(record)
+        account = Account(name, aconf, timing, record)
+        self._adopt_stored_token(account, now)
+        return account
+
+    def _adopt_stored_token(self, account: Account, now: float) -> None:
+        token = account.record.token
+        if token is not None and token.is_valid(now):
+            register_secret(token.access_token)
+            account.published = token
+            account.state = AccountState.VALID
+            account.last_refresh_at = token.issued_at
+
+    def _read_seed(self, aconf: AccountConfig) -> str | None:
+        if aconf.refresh_token is not None:
+            seed = aconf.refresh_token.get_secret_value()
+        elif aconf.refresh_token_file is not None:
+            seed = read_secret_file(aconf.refresh_token_file)
+        else:
+            return None
+        register_secret(seed)
+        return seed
+
+    async def _put_or_keep(self, record: StoredAccount) -> StoredAccount:
+        try:
+            return await self._put(record)
+        except StoreError as exc:
+            # The seed is in the config; nothing is lost if this write waits.
+            _log.error("store_write_failed", account=record.account, error=str(exc))
+            return record
+
+    # -- running ----------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Serve until :meth:`stop`; then drain in-flight refreshes (bounded) and return."""
+        await self.load()
+        self._scheduler = AsyncIOScheduler(
+            event_loop=asyncio.get_running_loop(),
+            job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1},
+        )
+        self._scheduler.start()
+        try:
+            async with anyio.create_task_group() as outer:
+                outer.start_soon(self._watch_clock)
+                async with anyio.create_task_group() as refreshes:
+                    refreshes.start_soon(self._dispatch, refreshes)
+                    await self._publish_restored(refreshes)
+                    self._schedule_start()
+                    task_status.started()
+                    await self._stop.wait()
+                    # Stop scheduling; let in-flight refreshes finish and commit, bounded.
+                    self._scheduler.shutdown(wait=False)
+                    self._scheduler = None
+                    self._due_send.close()
+                    refreshes.cancel_scope.deadline = (
+                        anyio.current_time() + self.config.serve.drain_timeout
+                    )
+                outer.cancel_scope.cancel()
+        finally:
+            if self._scheduler is not None:
+                self._scheduler.shutdown(wait=False)
+                self._scheduler = None
+        unsaved = [a.name for a in self.accounts.values() if a.unsaved is not None]
+        if unsaved:
+            _log.critical(
+                "rotated_tokens_not_saved",
+                accounts=unsaved,
+                detail="these accounts' rotated refresh tokens could not be committed before "
+                "shutdown; they will need re-authorization",
+            )
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run_once(self) -> bool:
+        """Refresh what needs it, publish, and report whether every account holds a
+        valid token (for init containers and cron)."""
+        await self.load()
+        now = self.clock.time()
+        async with anyio.create_task_group() as group:
+            await self._publish_restored(group)
+            for account in self.accounts.values():
+                if account.state is AccountState.NEEDS_REAUTH:
+                    continue
+                if not account.token_valid(now) or now >= self._next_refresh_time(account):
+                    group.start_soon(self._once, account)
+        now = self.clock.time()
+        return all(a.token_valid(now) for a in self.accounts.values())
+
+    async def _once(self, account: Account) -> None:
+        async with self._slots:
+            await self._refresh(account, forced=True)
+            # A rotated token that could not be saved is retried, bounded, before exit.
+            with anyio.move_on_after(self.config.serve.drain_timeout):
+                while account.unsaved is not None:
+                    await anyio.sleep(0.5)
+                    async with account.lock:
+                        await self._commit_unsaved(account)
+
+    async def _publish_restored(self, group: TaskGroup) -> None:
+        restored = [a for a in self.accounts.values() if a.published is not None]
+        for account in restored:
+            token = account.published
+            assert token is not None
+            group.start_soon(self._publish, account, token)
+
+    # -- scheduling ---------------------------------------------------------------------
+
+    def _next_refresh_time(self, account: Account) -> float:
+        token = account.published
+        if token is None:
+            return self.clock.time()
+        return refresh_at(
+            account.timing, token.issued_at, token.expires_at, self.rng.uniform(-1, 1)
+        )
+
+    def _schedule_start(self) -> None:
+        now = self.clock.time()
+        due = []
+        for account in self.accounts.values():
+            if account.state is AccountState.NEEDS_REAUTH or self._unusable(account):
+                continue
+            at = self._next_refresh_time(account)
+            if at <= now:
+                due.append(account)
+            else:
+                self._schedule(account, at)
+        spread = min(_START_SPREAD_MAX, 0.002 * len(due))
+        for account in due:
+            self._schedule(account, now + self.rng.uniform(0, spread))
+
+    def _unusable(self, account: Account) -> bool:
+        provider = self.providers[account.provider]
+        if provider.client is None:
+            account.last_error = provider.setup_error or "provider is not set up"
+            return True
+        return account.config.grant == "refresh_token" and account.record.refresh_token is None
+
+    def _schedule(self, account: Account, at: float) -> None:
+        account.next_attempt_at = at
+        scheduler = self._scheduler
+        if scheduler is None:
+            return
+        scheduler.add_job(
+            self._on_due,
+            trigger="date",
+            run_date=datetime.fromtimestamp(at, tz=UTC),
+            args=[account.name],
+            id=account.name,
+            replace_existing=True,
+        )
+
+    async def _on_due(self, name: str) -> None:
+        # Runs in the scheduler's executor: hand the account to the task group, at once.
+        self._enqueue(name)
+
+    def _enqueue(self, name: str, *, forced: bool = False) -> None:
+        if forced:
+            self._forced.add(name)
+        if name in self._queued:
+            return
+        try:
+            self._due_send.send_nowait(name)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            return
+        self._queued.add(name)
+
+    async def _dispatch(self, group: TaskGroup) -> None:
+        async with self._due_recv:
+            async for name in self._due_recv:
+                self._queued.discard(name)
+                account = self.accounts.get(name)
+                if account is None:
+                    continue
+                await self._slots.acquire()
+                group.start_soon(self._run_slot, account, name in self._forced)
+                self._forced.discard(name)
+
+    async def _run_slot(self, account: Account, forced: bool) -> None:
+        try:
+            await self._refresh(account, forced=forced)
+        except Exception:
+            # One account's bug must not take the others down.
+            _log.exception("refresh_crashed", account=account.name)
+            self._schedule(account, self.clock.time() + 30.0)
+        finally:
+            self._slots.release()
+
+    async def _watch_clock(self) -> None:
+        wall0, mono0 = self.clock.time(), self.clock.monotonic()
+        while True:
+            await anyio.sleep(_CLOCK_CHECK_INTERVAL)
+            wall, mono = self.clock.time(), self.clock.monotonic()
+            drift = (wall - wall0) - (mono - mono0)
+            if abs(drift) > _CLOCK_JUMP_TOLERANCE:
+                _log.warning("wall_clock_jumped", seconds=round(drift, 3))
+                self._reschedule_all()
+            wall0, mono0 = wall, mono
+
+    def _reschedule_all(self) -> None:
+        for account in self.accounts.values():
+            if account.next_attempt_at is not None and not account.lock.locked():
+                if account.state in (AccountState.VALID, AccountState.PENDING):
+                    self._schedule(account, self._next_refresh_time(account))
+                else:
+                    self._schedule(account, min(account.next_attempt_at, self.clock.time()))
+
+    # -- requests from applications ---------------------------------------------------------
+
+    async def wait_fresh(self, name: str, min_valid: float, max_wait: float) -> Account:
+        """Wait (bounded) until ``name`` holds a token valid ``min_valid`` more seconds,
+        triggering the account's single-flight refresh if it does not."""
+        account = self.accounts[name]
+        with anyio.move_on_after(max_wait):
+            while not account.token_valid(self.clock.time(), min_valid):
+                if account.state is AccountState.NEEDS_REAUTH:
+                    break
+                settled = account.settled
+                self._enqueue(name, forced=True)
+                await settled.wait()
+        return account
+
+    async def force_refresh(self, name: str, max_wait: float) -> Account:
+        """Refresh ``name`` now (an application got a 401 before expiry) and wait, bounded."""
+        account = self.accounts[name]
+        settled = account.settled
+        self._enqueue(name, forced=True)
+        with anyio.move_on_after(max_wait):
+            await settled.wait()
+        return account
+
+    # -- one refresh ----------------------------------------------------------------------
+
+    async def _refresh(self, account: Account, *, forced: bool = False) -> None:
+        if account.lock.locked():
+            return  # single flight: the refresh in progress serves this request too
+        async with account.lock:
+            try:
+                await self._refresh_locked(account, forced=forced)
+            finally:
+                account.settled.set()
+                account.settled = anyio.Event()
+
+    async def _refresh_locked(self, account: Account, *, forced: bool) -> None:
+        now = self.clock.time()
+        if account.unsaved is not None:
+            await self._commit_unsaved(account)
+            return
+        if account.state is AccountState.NEEDS_REAUTH or self._unusable(account):
+            return
+        if not forced and account.next_attempt_at is not None and now < account.next_attempt_at - 1:
+            # Woken early (a clock jump, a stale job): recompute instead of refreshing.
+            self._schedule(account, account.next_attempt_at)
+            return
+        provider = self.providers[account.provider]
+        client = provider.client
+        assert client is not None
+        claim_ttl = self.config.providers[account.provider].timeout + 30.0
+        async with provider.limiter:
+            try:
+                claimed = await self.store.claim(account.name, self.owner, claim_ttl)
+            except StoreError as exc:
+                await self._on_failure(account, _store_unavailable(exc), 0.0)
+                return
+            if not claimed:
+                # Another replica is refreshing this account; look again shortly.
+                self._schedule(account, now + 5.0)
+                return
+            try:
+                await self._exchange(account, client)
+            finally:
+                try:
+                    await self.store.release(account.name, self.owner)
+                except StoreError as exc:
+                    # The claim lapses by itself after its TTL.
+                    _log.warning("store_release_failed", account=account.name, error=str(exc))
+
+    async def _exchange(self, account: Account, client: ProviderClient) -> None:
+        previous_state = account.state
+        account.state = AccountState.REFRESHING
+        refresh_token = account.record.refresh_token
+        started = self.clock.monotonic()
+        outcome: Outcome
+        if account.config.grant == "refresh_token":
+            assert refresh_token is not None
+            # Durably note that the token is about to leave: after a crash, a restart
+            # knows the IdP may have rotated it.
+            try:
+                account.record = await self._put(
+                    account.record.evolve(in_flight_since=self.clock.time())
+                )
+            except StoreError as exc:
+                account.state = previous_state
+                await self._on_failure(
+                    account, _store_unavailable(exc), self.clock.monotonic() - started
+                )
+                return
+            outcome = await client.refresh(refresh_token, account.config.scope)
+        else:
+            outcome = await client.client_credentials(account.config.scope)
+        duration = self.clock.monotonic() - started
+        if isinstance(outcome, TokenResponse):
+            await self._on_success(account, outcome, refresh_token, duration)
+        else:
+            account.state = previous_state
+            await self._on_failure(account, outcome, duration)
+
+    async def _on_success(
+        self,
+        account: Account,
+        response: TokenResponse,
+        used_refresh_token: str | None,
+        duration: float,
+    ) -> None:
+        now = self.clock.time()
+        lifetime = response.expires_in or account.timing.default_lifetime
+        token = TokenSet(
+            access_token=response.access_token,
+            token_type=response.token_type,
+            expires_at=now + lifetime,
+            issued_at=now,
+            scope=response.scope or account.config.scope,
+        )
+        new_refresh_token = response.refresh_token or used_refresh_token
+        register_secret(token.access_token)
+        register_secret(new_refresh_token)
+        record = account.record.evolve(
+            refresh_token=new_refresh_token,
+            token=token,
+            in_flight_since=None,
+            last_outcome="success",
+            last_error=None,
+            updated_at=now,
+        )
+        rotated = (
+            response.refresh_token is not None and response.refresh_token != used_refresh_token
+        )
+        account.failures = 0
+        committed = await self._commit(account, record)
+        next_at = account.next_attempt_at if not committed else self._next_refresh_time(account)
+        _log.info(
+            "refresh",
+            account=account.name,
+            provider=account.provider,
+            outcome="success" if committed else "unsaved",
+            duration_ms=round(duration * 1000, 1),
+            rotated=rotated,
+            expires_at=_iso(token.expires_at),
+            next_refresh_at=_iso(next_at) if next_at else None,
+        )
+        if committed:
+            self._schedule(account, next_at or now)
+
+    async def _commit(self, account: Account, record: StoredAccount) -> bool:
+        """Durably store ``record``, then publish its token. On a store failure the
+        record waits in memory (state ``unsaved``) and nothing is published."""
+        try:
+            stored = await self._put(record)
+        except StoreError as exc:
+            account.unsaved = record
+            account.state = AccountState.UNSAVED
+            account.last_error = f"could not save the new token: {exc}"
+            delay = retry_delay(self.backoff, account.failures, self.rng.random(), None)
+            account.failures += 1
+            _log.error(
+                "commit_failed",
+                account=account.name,
+                error=str(exc),
+                retry_in_s=round(delay, 2),
+                detail="the rotated refresh token is held in memory and nothing new is "
+                "published until it is saved",
+            )
+            self._schedule(account, self.clock.time() + delay)
+            return False
+        account.record = stored
+        account.unsaved = None
+        account.failures = 0
+        account.last_error = None
+        account.last_refresh_at = self.clock.time()
+        account.state = AccountState.VALID
+        if stored.token is not None:
+            await self._publish(account, stored.token)
+        return True
+
+    async def _commit_unsaved(self, account: Account) -> None:
+        record = account.unsaved
+        if record is None:
+            return
+        if await self._commit(account, record.evolve(version=account.record.version)):
+            _log.info("commit_recovered", account=account.name)
+            self._schedule(account, self._next_refresh_time(account))
+
+    async def _put(self, record: StoredAccount) -> StoredAccount:
+        try:
+            return await self.store.put(record)
+        except StoreConflict:
+            # Someone else wrote this account since we read it. Our write carries the
+            # newest token (we hold the claim and just received it): write it on top.
+            current = await self.store.load(record.account)
+            _log.warning("store_conflict", account=record.account)
+            return await self.store.put(record.evolve(version=current.version if current else 0))
+
+    async def _publish(self, account: Account, token: TokenSet) -> None:
+        account.published = token
+        for publisher in self.publishers:
+            await publisher.publish(account.name, token)
+
+    async def _on_failure(self, account: Account, failure: TokenFailure, duration: float) -> None:
+        now = self.clock.time()
+        account.last_error = failure.summary()
+        # A response lost after the request was sent: the IdP may have rotated the
+        # refresh token, so the in-flight mark stays until a later outcome settles it.
+        keep_mark = is_lost_response(failure)
+        record = account.record.evolve(
+            in_flight_since=account.record.in_flight_since if keep_mark else None,
+            last_outcome=failure.kind.value,
+            last_error=account.last_error,
+            updated_at=now,
+        )
+        try:
+            account.record = await self._put(record)
+        except StoreError as exc:
+            _log.warning("store_write_failed", account=account.name, error=str(exc))
+        previous = account.state
+        if failure.kind is FailureKind.ACCOUNT_PERMANENT:
+            account.state = AccountState.NEEDS_REAUTH
+            account.next_attempt_at = None
+            next_at = None
+        else:
+            delay = retry_delay(
+                self.backoff, account.failures, self.rng.random(), failure.retry_after
+            )
+            account.failures += 1
+            next_at = now + delay
+            account.state = (
+                AccountState.BLOCKED
+                if failure.kind in (FailureKind.BLOCKED, FailureKind.PROVIDER_PERMANENT)
+                else AccountState.RETRYING
+            )
+            self._schedule(account, next_at)
+        _log.warning(
+            "refresh",
+            account=account.name,
+            provider=account.provider,
+            outcome=failure.kind.value,
+            reason=failure.reason,
+            status=failure.status,
+            error=account.last_error,
+            duration_ms=round(duration * 1000, 1),
+            state=account.state.value,
+            previous_state=previous.value,
+            token_valid=account.token_valid(now),
+            next_attempt_at=_iso(next_at) if next_at else None,
+        )
+
+
+def _store_unavailable(exc: StoreError) -> TokenFailure:
+    # The refresh token never left: the store could not record that it was about to.
+    return TokenFailure(
+        FailureKind.TRANSIENT, "store_unavailable", description=str(exc), request_sent=False
+    )
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="seconds")

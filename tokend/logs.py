@@ -1,0 +1,188 @@
+"""structlog setup: JSON lines on stderr, secrets redacted wherever they appear.
+
+Redaction works on two levels, because a secret can reach a log line by key
+(``refresh_token=...``) or buried in text (an exception message quoting a header):
+
+* any key whose name says "secret" (token, secret, password, authorization,
+  assertion, private key, cookie) has its value replaced, however deep it sits;
+* every string value is scanned for the values of secrets tokend currently holds
+  (registered with :func:`register_secret`) and for ``Bearer``/``Basic`` credentials.
+
+Exceptions are rendered without local variables: a traceback's locals would hold
+the very tokens this file exists to hide.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import threading
+from collections.abc import Iterable, Mapping, MutableMapping
+from typing import Any, TextIO
+
+import orjson
+import structlog
+
+REDACTED = "[redacted]"
+
+_SECRET_KEY = re.compile(
+    r"(token|secret|password|passwd|authorization|assertion|private_key|cookie|credential)",
+    re.IGNORECASE,
+)
+# Keys that contain a secret-sounding word but carry no secret.
+_SAFE_KEYS = frozenset(
+    {
+        "token_type",
+        "token_endpoint",
+        "token_dir",
+        "token_file",
+        "refresh_token_file",
+        "client_secret_file",
+        "private_key_file",
+        "token_fingerprint",
+        "seed_fingerprint",
+        "rotated_refresh_token",
+    }
+)
+_CREDENTIAL_IN_TEXT = re.compile(r"\b(Bearer|Basic)\s+[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
+
+
+class _SecretRegistry:
+    """Values to scrub from any log text.
+
+    Text is cut into token-shaped words and each is looked up in a set, so the cost
+    per log line does not grow with the number of accounts (100,000 tokens would
+    make one big alternation regex slow to rebuild on every refresh).
+    """
+
+    _MIN_LENGTH = 8
+    _WORD = re.compile(r"[A-Za-z0-9._~+/=-]{8,}")
+
+    def __init__(self) -> None:
+        self._values: set[str] = set()
+        self._lock = threading.Lock()
+
+    def add(self, value: str) -> None:
+        if len(value) >= self._MIN_LENGTH:
+            with self._lock:
+                self._values.add(value)
+
+    def discard(self, value: str) -> None:
+        with self._lock:
+            self._values.discard(value)
+
+    def scrub(self, text: str) -> str:
+        if len(text) < self._MIN_LENGTH or not self._values:
+            return text
+        values = self._values
+
+        def replace(match: re.Match[str]) -> str:
+            word = match.group(0)
+            if word in values:
+                return REDACTED
+            # "refresh_token=SECRET" in a URL-encoded body or a repr is one word.
+            key, sep, rest = word.partition("=")
+            if sep and rest in values:
+                return key + sep + REDACTED
+            return word
+
+        return self._WORD.sub(replace, text)
+
+
+_secrets = _SecretRegistry()
+
+
+def register_secret(value: str | None) -> None:
+    """Make sure ``value`` never appears in a log line, whatever carries it."""
+    if value:
+        _secrets.add(value)
+
+
+def forget_secret(value: str | None) -> None:
+    if value:
+        _secrets.discard(value)
+
+
+def redact(value: Any, key: str | None = None) -> Any:
+    """``value`` with every secret replaced (recursively through dicts and lists)."""
+    if key is not None and key not in _SAFE_KEYS and _SECRET_KEY.search(key):
+        return REDACTED if value not in (None, "", False) else value
+    if isinstance(value, str):
+        return _CREDENTIAL_IN_TEXT.sub(r"\1 " + REDACTED, _secrets.scrub(value))
+    if isinstance(value, Mapping):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [redact(v) for v in value]
+    if isinstance(value, int | float | bool) or value is None:
+        return value
+    return redact(str(value))
+
+
+def _redact_processor(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    for key, value in list(event_dict.items()):
+        event_dict[key] = redact(value, key)
+    return event_dict
+
+
+def _format_exception_without_locals(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    exc_info = event_dict.pop("exc_info", None)
+    if exc_info:
+        if exc_info is True:
+            exc_info = sys.exc_info()
+        elif isinstance(exc_info, BaseException):
+            exc_info = (type(exc_info), exc_info, exc_info.__traceback__)
+        if exc_info and exc_info[0] is not None:
+            import traceback
+
+            event_dict["exception"] = "".join(traceback.format_exception(*exc_info))
+    return event_dict
+
+
+def _orjson_dumps(obj: Any, default: Any = None) -> str:
+    return orjson.dumps(obj, default=str).decode()
+
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
+    """Set up structlog for the process: call once at start (and again on reload)."""
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _format_exception_without_locals,
+        # Last before rendering, so everything added above is redacted too.
+        _redact_processor,
+    ]
+    renderer: Any
+    if fmt == "console":
+        renderer = structlog.dev.ConsoleRenderer(colors=False)
+    else:
+        renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
+    structlog.configure(
+        processors=[*processors, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.WriteLoggerFactory(file=stream or sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(**initial: Any) -> structlog.typing.FilteringBoundLogger:
+    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger(**initial)
+    return logger
+
+
+def register_secrets(values: Iterable[str | None]) -> None:
+    for value in values:
+        register_secret(value)

@@ -1,0 +1,28 @@
+"""Durable account state behind one small interface.
+
+The engine only ever talks to :class:`Store`. A backend keeps, per account, a
+:class:`~tokend.model.StoredAccount` and guards every write with compare-and-swap on
+its ``version``, so a distributed backend (etcd) can share accounts between replicas
+without the engine knowing; ``claim`` gives one replica at a time the right to refresh
+an account.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from tokend.store._base import Store, StoreConflict, StoreError
+
+if TYPE_CHECKING:
+    from tokend.config import StateConfig
+
+__all__ = ["Store", "StoreConflict", "StoreError", "open_store"]
+
+
+def open_store(config: StateConfig) -> Store:
+    """Build the backend the config names (not yet opened: ``await store.open()``)."""
+    if config.backend == "sqlite":
+        from tokend.store.sqlite import SqliteStore
+
+        return SqliteStore(config.path)
+    raise ValueError(f"unknown state backend {config.backend!r}")

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+from typing import Protocol
+
+from tokend.model import StoredAccount
+
+
+class StoreError(Exception):
+    """The store could not durably complete an operation (disk full, I/O error, outage).
+
+    The message never contains a secret.
+    """
+
+
+class StoreConflict(StoreError):
+    """A compare-and-swap write lost: someone else wrote the record first."""
+
+
+class Store(Protocol):
+    """Durable per-account records with compare-and-swap writes.
+
+    Every method may be slow (disk, network) but never blocks the event loop.
+    """
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def load_all(self) -> dict[str, StoredAccount]:
+        """Every stored record, by account name."""
+        ...
+
+    async def load(self, account: str) -> StoredAccount | None: ...
+
+    async def put(self, record: StoredAccount) -> StoredAccount:
+        """Durably write ``record`` if the stored version still equals ``record.version``.
+
+        Returns the record as stored (with its new version). Raises
+        :class:`StoreConflict` if the version moved, :class:`StoreError` if the write
+        could not be made durable; in both cases nothing was written.
+        """
+        ...
+
+    async def delete(self, account: str) -> None: ...
+
+    async def claim(self, account: str, owner: str, ttl: float) -> bool:
+        """Try to hold the right to refresh ``account`` for ``ttl`` seconds.
+
+        True if ``owner`` holds it now (newly or already). A single-process backend
+        may always grant it; a shared backend grants it to one owner at a time.
+        """
+        ...
+
+    async def release(self, account: str, owner: str) -> None: ...

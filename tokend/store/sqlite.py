@@ -1,0 +1,560 @@
+"""The local backend: one SQLite file holding every account's record and the leases.
+
+Durability: WAL journal with ``synchronous=FULL``, so every committed transaction has
+been fsynced before ``put`` returns; a crash (of the process or the machine) after that
+cannot lose a rotated refresh token. Every write is one ``BEGIN IMMEDIATE ... COMMIT``
+transaction; on any error it is rolled back, so nothing partial is ever stored.
+
+Threading: SQLite calls block (disk I/O, fsync, busy waits on another process's lock),
+so none of them run on the event loop. They run through ``anyio.to_thread`` behind a
+``CapacityLimiter(1)``: one call at a time, on one connection, which is never touched
+concurrently (hence ``check_same_thread=False``; the pool may hand consecutive calls to
+different worker threads, which SQLite allows when calls never overlap).
+
+Several tokend processes on one machine may share the file: the compare-and-swap on
+``version`` keeps their writes from clobbering each other, and the ``leases`` table lets
+only one of them refresh a given account at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Final, TypeVar
+
+import anyio
+
+from tokend.model import StoredAccount, TokenSet
+from tokend.store._base import StoreConflict, StoreError
+
+__all__ = ["SCHEMA_VERSION", "SqliteStore"]
+
+_T = TypeVar("_T")
+
+# Each entry upgrades the schema by one version; PRAGMA user_version records how many
+# have been applied. Never edit a released entry: append a new one.
+_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    (
+        """
+        CREATE TABLE accounts (
+            account          TEXT PRIMARY KEY NOT NULL,
+            seed_fingerprint TEXT,
+            refresh_token    TEXT,
+            access_token     TEXT,
+            token_type       TEXT,
+            expires_at       REAL,
+            issued_at        REAL,
+            scope            TEXT,
+            in_flight_since  REAL,
+            last_outcome     TEXT,
+            last_error       TEXT,
+            updated_at       REAL NOT NULL,
+            version          INTEGER NOT NULL CHECK (version > 0),
+            -- A stored access token is only usable with its type and times.
+            CHECK (access_token IS NULL OR (token_type IS NOT NULL
+                   AND expires_at IS NOT NULL AND issued_at IS NOT NULL))
+        )
+        """,
+        """
+        CREATE TABLE leases (
+            account    TEXT PRIMARY KEY NOT NULL,
+            owner      TEXT NOT NULL,
+            expires_at REAL NOT NULL
+        )
+        """,
+    ),
+)
+SCHEMA_VERSION: Final = len(_MIGRATIONS)
+
+_COLUMNS: Final = (
+    "account",
+    "seed_fingerprint",
+    "refresh_token",
+    "access_token",
+    "token_type",
+    "expires_at",
+    "issued_at",
+    "scope",
+    "in_flight_since",
+    "last_outcome",
+    "last_error",
+    "updated_at",
+    "version",
+)
+_SELECT: Final = f"SELECT {', '.join(_COLUMNS)} FROM accounts"
+_INSERT: Final = (
+    f"INSERT INTO accounts ({', '.join(_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in _COLUMNS)}) ON CONFLICT (account) DO NOTHING"
+)
+_UPDATE: Final = (
+    "UPDATE accounts SET "
+    + ", ".join(f"{c} = ?" for c in _COLUMNS[1:])
+    + " WHERE account = ? AND version = ?"
+)
+# A lease is granted when there is none, when it has expired, or when the asker holds it
+# already (which extends it). Doing it in one statement keeps check and grant atomic.
+_CLAIM: Final = (
+    "INSERT INTO leases (account, owner, expires_at) VALUES (?, ?, ?) "
+    "ON CONFLICT (account) DO UPDATE SET owner = excluded.owner, "
+    "expires_at = excluded.expires_at "
+    "WHERE leases.owner = excluded.owner OR leases.expires_at <= ?"
+)
+
+# Primary result codes (the low byte of an extended code) mapped to what an operator
+# should look at. The text goes into StoreError, which ends up in logs and the API.
+_REASONS: Final[dict[int, str]] = {
+    3: "permission denied",  # SQLITE_PERM
+    5: "database is locked by another connection",  # SQLITE_BUSY
+    6: "database table is locked",  # SQLITE_LOCKED
+    7: "out of memory",  # SQLITE_NOMEM
+    8: "database is read-only (check file/directory permissions and the mount)",
+    10: "I/O error (check the disk and the kernel log)",  # SQLITE_IOERR
+    11: "database file is corrupt",  # SQLITE_CORRUPT
+    13: "disk full (free space on the filesystem holding it)",  # SQLITE_FULL
+    14: "cannot open the database file (check the path and permissions)",
+    15: "file locking protocol error (is it on a network filesystem?)",  # SQLITE_PROTOCOL
+    19: "constraint violated (invalid record)",  # SQLITE_CONSTRAINT
+    23: "authorization denied",  # SQLITE_AUTH
+    26: "file is not a SQLite database",  # SQLITE_NOTADB
+}
+_BUSY_CODES: Final = frozenset({5, 6})
+
+
+class SqliteStore:
+    """A :class:`~tokend.store.Store` in one SQLite file (see the module docstring)."""
+
+    def __init__(self, path: Path | str, *, busy_timeout: float = 5.0) -> None:
+        self.path = Path(path)
+        # How long one call waits for another process's write lock before failing. The
+        # wait happens on the worker thread, so it delays other store calls but never
+        # the event loop.
+        self.busy_timeout = busy_timeout
+        self._conn: sqlite3.Connection | None = None
+        self._limiter: anyio.CapacityLimiter | None = None
+
+    def __repr__(self) -> str:
+        return f"SqliteStore({str(self.path)!r})"
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create the file (0600) and its directory (0700) if needed, and the schema."""
+        if self._limiter is not None:
+            return
+        # Created here rather than in __init__: a limiter belongs to the running loop.
+        limiter = anyio.CapacityLimiter(1)
+        self._limiter = limiter
+        try:
+            await anyio.to_thread.run_sync(self._open_sync, limiter=limiter)
+        except BaseException:
+            self._limiter = None
+            # A cancelled open still runs to the end on its thread and may have left a
+            # connection behind; close it rather than leak it to the next open().
+            with anyio.CancelScope(shield=True), contextlib.suppress(StoreError):
+                await anyio.to_thread.run_sync(self._close_sync, limiter=limiter)
+            raise
+
+    async def close(self) -> None:
+        """Wait for the call in progress (if any), then close. Safe to call twice."""
+        limiter, self._limiter = self._limiter, None
+        if limiter is None:
+            return
+        # Shielded: a cancelled close must still close the connection, or the WAL is
+        # left un-checkpointed and the file handle open.
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self._close_sync, limiter=limiter)
+
+    def _open_sync(self) -> None:
+        try:
+            self._create_file()
+        except OSError as exc:
+            raise StoreError(
+                f"sqlite store {self.path}: cannot create the database file: {exc.strerror or exc}"
+            ) from None
+        try:
+            conn = sqlite3.connect(
+                self.path,
+                timeout=self.busy_timeout,
+                # Autocommit mode: this module issues BEGIN/COMMIT itself, so no
+                # statement ever runs in an implicit transaction left open.
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as exc:
+            raise self._error("open", exc) from None
+        try:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                # Without WAL the durability and multi-process claims above do not hold.
+                raise StoreError(
+                    f"sqlite store {self.path}: cannot enable the WAL journal "
+                    f"(got {mode!r}); is the file on a network filesystem?"
+                )
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            _write(conn, self._migrate)
+        except sqlite3.Error as exc:
+            conn.close()
+            raise self._error("open", exc) from None
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def _create_file(self) -> None:
+        parent = self.path.parent
+        if not parent.exists():
+            # Only the last component gets 0700; existing parents are the operator's.
+            parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.path.exists():
+            return
+        # Created by us before SQLite sees it, so it is 0600 from the first byte; SQLite
+        # gives the -wal and -shm files the database file's mode.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.close(fd)
+        # The new directory entry must survive a crash along with the data in it.
+        dir_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        # Runs inside BEGIN IMMEDIATE, so two processes opening a fresh file at once
+        # cannot both apply the same migration.
+        current = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if current > SCHEMA_VERSION:
+            raise StoreError(
+                f"sqlite store {self.path}: schema version {current} was written by a "
+                f"newer tokend (this one knows up to {SCHEMA_VERSION}); upgrade tokend"
+            )
+        for statements in _MIGRATIONS[current:]:
+            for statement in statements:
+                conn.execute(statement)
+        if current != SCHEMA_VERSION:
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _close_sync(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            conn.close()
+        except sqlite3.Error as exc:
+            raise self._error("close", exc) from None
+
+    # -- reads -----------------------------------------------------------------------
+
+    async def load_all(self) -> dict[str, StoredAccount]:
+        def body(conn: sqlite3.Connection) -> dict[str, StoredAccount]:
+            records = (_decode(row) for row in conn.execute(_SELECT))
+            return {r.account: r for r in records}
+
+        return await self._run("load_all", body)
+
+    async def load(self, account: str) -> StoredAccount | None:
+        def body(conn: sqlite3.Connection) -> StoredAccount | None:
+            row = conn.execute(f"{_SELECT} WHERE account = ?", (account,)).fetchone()
+            return None if row is None else _decode(row)
+
+        return await self._run(f"load of {account!r}", body)
+
+    # -- writes ----------------------------------------------------------------------
+
+    async def put(self, record: StoredAccount) -> StoredAccount:
+        _validate(record)
+
+        def body(conn: sqlite3.Connection) -> StoredAccount:
+            return _write(conn, lambda c: _put_one(c, record))
+
+        return await self._run(f"put of {record.account!r}", body, _secrets([record]), write=True)
+
+    async def put_many(self, records: Sequence[StoredAccount]) -> list[StoredAccount]:
+        """Write every record in one transaction: all land, or none do.
+
+        Records are applied in order, each with the same compare-and-swap as
+        :meth:`put`; one conflict rolls the whole batch back and raises it.
+        """
+        if not records:
+            return []
+        for record in records:
+            _validate(record)
+        batch = list(records)
+
+        def body(conn: sqlite3.Connection) -> list[StoredAccount]:
+            return _write(conn, lambda c: [_put_one(c, r) for r in batch])
+
+        return await self._run(f"put of {len(batch)} records", body, _secrets(batch), write=True)
+
+    async def delete(self, account: str) -> None:
+        def body(conn: sqlite3.Connection) -> None:
+            def delete_both(c: sqlite3.Connection) -> None:
+                c.execute("DELETE FROM accounts WHERE account = ?", (account,))
+                c.execute("DELETE FROM leases WHERE account = ?", (account,))
+
+            _write(conn, delete_both)
+
+        await self._run(f"delete of {account!r}", body, write=True)
+
+    # -- leases ----------------------------------------------------------------------
+
+    async def claim(self, account: str, owner: str, ttl: float) -> bool:
+        """Grant ``account``'s lease to ``owner`` unless another owner holds it unexpired.
+
+        Expiry uses the wall clock (``time.time``): every process sharing the file runs
+        on the same machine (SQLite's WAL needs shared memory), so they read the same
+        clock, and unlike a monotonic clock it still means something after a reboot,
+        when leases written before it are still in the file. A clock step moves every
+        lease's expiry by the step; leases last seconds, and the cost of a misjudged one
+        is a refresh delayed or, at worst, two processes refreshing once concurrently,
+        which the compare-and-swap on ``version`` still turns into one stored winner.
+        """
+        if not ttl > 0:
+            raise ValueError(f"lease ttl must be positive, got {ttl!r}")
+
+        def grant(conn: sqlite3.Connection) -> bool:
+            # Read the clock after the write lock is held, so "now" is not stale by the
+            # time spent waiting for it.
+            now = time.time()
+            cursor = conn.execute(_CLAIM, (account, owner, now + ttl, now))
+            return cursor.rowcount == 1
+
+        def body(conn: sqlite3.Connection) -> bool:
+            return _write(conn, grant, durable=False)
+
+        return await self._run(f"claim of {account!r}", body, write=True)
+
+    async def release(self, account: str, owner: str) -> None:
+        def body(conn: sqlite3.Connection) -> None:
+            _write(
+                conn,
+                lambda c: c.execute(
+                    "DELETE FROM leases WHERE account = ? AND owner = ?", (account, owner)
+                ),
+                durable=False,
+            )
+
+        await self._run(f"release of {account!r}", body, write=True)
+
+    # -- plumbing --------------------------------------------------------------------
+
+    async def _run(
+        self,
+        what: str,
+        body: Callable[[sqlite3.Connection], _T],
+        secrets: frozenset[str] = frozenset(),
+        *,
+        write: bool = False,
+    ) -> _T:
+        limiter = self._limiter
+        if limiter is None:
+            raise StoreError(f"sqlite store {self.path}: {what} failed: store is not open")
+
+        def call() -> _T:
+            conn = self._conn
+            if conn is None:
+                # Queued before close() and run after it.
+                raise StoreError(f"sqlite store {self.path}: {what} failed: store is closed")
+            try:
+                return body(conn)
+            except sqlite3.Error as exc:
+                # ``from None``: the sqlite3 exception's frames hold the bound parameters
+                # (raw tokens); a traceback printed for the StoreError leaves them out.
+                raise self._error(what, exc, secrets, write=write) from None
+            except _BadRow as exc:
+                raise StoreError(
+                    f"sqlite store {self.path}: {what} failed: a stored record is "
+                    f"malformed ({exc}); was the file edited by hand?"
+                ) from None
+
+        return await anyio.to_thread.run_sync(call, limiter=limiter)
+
+    def _error(
+        self,
+        what: str,
+        exc: sqlite3.Error,
+        secrets: Iterable[str] = (),
+        *,
+        write: bool = False,
+    ) -> StoreError:
+        code = getattr(exc, "sqlite_errorcode", None)
+        name = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
+        primary = code & 0xFF if isinstance(code, int) else None
+        if primary in _BUSY_CODES:
+            reason = (
+                f"{_REASONS[primary]} for longer than the {self.busy_timeout:g} s busy "
+                "timeout (another tokend, or a tool holding a write transaction?)"
+            )
+        elif primary is not None and primary in _REASONS:
+            reason = _REASONS[primary]
+        else:
+            reason = "sqlite error"
+        # SQLite's messages are fixed templates that do not echo bound values; the
+        # redaction is a second line of defence for the one rule that must never break.
+        detail = _redact(str(exc), secrets)
+        outcome = "; the transaction was rolled back" if write else ""
+        return StoreError(
+            f"sqlite store {self.path}: {what} failed: {reason} [{name}: {detail}]{outcome}"
+        )
+
+
+def _write(
+    conn: sqlite3.Connection,
+    body: Callable[[sqlite3.Connection], _T],
+    *,
+    durable: bool = True,
+) -> _T:
+    """Run ``body`` in one write transaction; commit, or roll back on any exception."""
+    # Leases need not survive a power cut: it kills every process that could hold one.
+    # Skipping their fsync halves the syncs on the refresh path (claim/release around
+    # each refresh). Set per transaction so one level never leaks into the next.
+    conn.execute("PRAGMA synchronous = FULL" if durable else "PRAGMA synchronous = NORMAL")
+    # IMMEDIATE takes the write lock up front (waiting up to the busy timeout), so the
+    # compare-and-swap read and the write cannot interleave with another process.
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = body(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        # After SQLITE_FULL or an I/O error SQLite may have rolled back on its own.
+        # A failed rollback still leaves nothing committed, and the original error is
+        # what the operator needs to see.
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        raise
+    return result
+
+
+def _put_one(conn: sqlite3.Connection, record: StoredAccount) -> StoredAccount:
+    stored = replace(record, version=record.version + 1)
+    values = _encode(stored)
+    if record.version == 0:
+        cursor = conn.execute(_INSERT, values)
+    else:
+        cursor = conn.execute(_UPDATE, (*values[1:], record.account, record.version))
+    if cursor.rowcount != 1:
+        row = conn.execute(
+            "SELECT version FROM accounts WHERE account = ?", (record.account,)
+        ).fetchone()
+        found = "no stored record" if row is None else f"stored version is {row[0]}"
+        raise StoreConflict(
+            f"put of {record.account!r} lost a compare-and-swap: the write replaces "
+            f"version {record.version} but {found}; reload and retry"
+        )
+    return stored
+
+
+def _validate(record: StoredAccount) -> None:
+    # SQLite stores NaN as NULL, which would silently drop a time or trip a constraint
+    # with a confusing message; a NaN here is a bug upstream, so say so.
+    token = record.token
+    times = [record.updated_at, record.in_flight_since]
+    if token is not None:
+        times += [token.expires_at, token.issued_at]
+    if any(t is not None and math.isnan(t) for t in times):
+        raise ValueError(f"record for {record.account!r} has a NaN time")
+    if record.version < 0:
+        raise ValueError(f"record for {record.account!r} has a negative version")
+
+
+def _encode(r: StoredAccount) -> tuple[object, ...]:
+    t = r.token
+    return (
+        r.account,
+        r.seed_fingerprint,
+        r.refresh_token,
+        None if t is None else t.access_token,
+        None if t is None else t.token_type,
+        None if t is None else t.expires_at,
+        None if t is None else t.issued_at,
+        None if t is None else t.scope,
+        r.in_flight_since,
+        r.last_outcome,
+        r.last_error,
+        r.updated_at,
+        r.version,
+    )
+
+
+def _decode(row: Sequence[object]) -> StoredAccount:
+    (
+        account,
+        seed_fingerprint,
+        refresh_token,
+        access_token,
+        token_type,
+        expires_at,
+        issued_at,
+        scope,
+        in_flight_since,
+        last_outcome,
+        last_error,
+        updated_at,
+        version,
+    ) = row
+    token = None
+    if access_token is not None:
+        token = TokenSet(
+            access_token=_str(access_token),
+            token_type=_str(token_type),
+            expires_at=_float(expires_at),
+            issued_at=_float(issued_at),
+            scope=_opt_str(scope),
+        )
+    if not isinstance(version, int):
+        raise _BadRow(f"version is {type(version).__name__}, not INTEGER")
+    return StoredAccount(
+        account=_str(account),
+        seed_fingerprint=_opt_str(seed_fingerprint),
+        refresh_token=_opt_str(refresh_token),
+        token=token,
+        in_flight_since=None if in_flight_since is None else _float(in_flight_since),
+        last_outcome=_opt_str(last_outcome),
+        last_error=_opt_str(last_error),
+        updated_at=_float(updated_at),
+        version=version,
+    )
+
+
+class _BadRow(Exception):
+    """A stored value has the wrong type (the file was edited by hand)."""
+
+
+# The column affinities make these checks hold for anything this module wrote; they
+# only fail for a file edited by hand, and then loudly rather than with a wrong type.
+def _str(value: object) -> str:
+    if not isinstance(value, str):
+        raise _BadRow(f"expected TEXT, got {type(value).__name__}")
+    return value
+
+
+def _opt_str(value: object) -> str | None:
+    return None if value is None else _str(value)
+
+
+def _float(value: object) -> float:
+    if not isinstance(value, int | float):
+        raise _BadRow(f"expected REAL, got {type(value).__name__}")
+    return float(value)
+
+
+def _secrets(records: Iterable[StoredAccount]) -> frozenset[str]:
+    found: set[str] = set()
+    for r in records:
+        if r.refresh_token:
+            found.add(r.refresh_token)
+        if r.token is not None and r.token.access_token:
+            found.add(r.token.access_token)
+    return frozenset(found)
+
+
+def _redact(text: str, secrets: Iterable[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "<redacted>")
+    return text
