@@ -7,8 +7,10 @@ SIGTERM and SIGINT stop scheduling and drain in-flight refreshes (bounded by
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 import anyio
 
@@ -21,6 +23,9 @@ from tokend.publish import Publisher, TokenFiles
 from tokend.store import open_store
 
 _log = logs.get_logger()
+
+# A server run in the daemon's task group: ``await service(task_status=...)``.
+Service = Callable[..., Coroutine[Any, Any, None]]
 
 
 def build_clients(config: Config) -> tuple[dict[str, ProviderClient], dict[str, str]]:
@@ -76,12 +81,22 @@ class Daemon:
                 providers=len(self.config.providers),
                 accounts=len(self.config.accounts),
             )
+            await engine.load()
             async with anyio.create_task_group() as group:
                 group.start_soon(self._handle_signals, engine)
+                # Services answer while the engine runs and drains, then stop with it.
+                for service in self._services(engine):
+                    await group.start(service)
                 await engine.run()
                 group.cancel_scope.cancel()
             _log.info("stopped")
         return 0
+
+    def _services(self, engine: Engine) -> list[Service]:
+        """Long-running servers around the engine; each is started with
+        ``task_group.start`` and reports readiness through ``task_status``."""
+        services: list[Service] = []
+        return services
 
     async def run_once(self) -> int:
         async with AsyncExitStack() as stack:

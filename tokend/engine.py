@@ -36,6 +36,7 @@ from tokend.config import AccountConfig, Config, read_secret_file
 from tokend.logs import get_logger, register_secret
 from tokend.model import AccountState, StoredAccount, TokenSet, fingerprint
 from tokend.oauth import FailureKind, Outcome, ProviderClient, TokenFailure, TokenResponse
+from tokend.observe import Observer
 from tokend.policy import (
     BackoffPolicy,
     RefreshTiming,
@@ -103,6 +104,7 @@ class Engine:
         clients: Mapping[str, ProviderClient],
         *,
         publishers: Sequence[Publisher] = (),
+        observers: Sequence[Observer] = (),
         client_errors: Mapping[str, str] | None = None,
         clock: Clock | None = None,
         rng: random.Random | None = None,
@@ -111,6 +113,7 @@ class Engine:
         self.config = config
         self.store = store
         self.publishers = list(publishers)
+        self.observers = list(observers)
         self.clock = clock or SystemClock()
         self.rng = rng or random.Random()
         # Identifies this process in the store's per-account claims.
@@ -403,6 +406,15 @@ class Engine:
 
     # -- requests from applications ---------------------------------------------------------
 
+    def not_ready(self) -> list[str]:
+        """Required accounts that hold no valid token now (empty: tokend is ready)."""
+        now = self.clock.time()
+        return sorted(
+            name
+            for name, account in self.accounts.items()
+            if account.config.required and not account.token_valid(now)
+        )
+
     async def wait_fresh(self, name: str, min_valid: float, max_wait: float) -> Account:
         """Wait (bounded) until ``name`` holds a token valid ``min_valid`` more seconds,
         triggering the account's single-flight refresh if it does not."""
@@ -534,11 +546,14 @@ class Engine:
         account.failures = 0
         committed = await self._commit(account, record)
         next_at = account.next_attempt_at if not committed else self._next_refresh_time(account)
+        outcome = "success" if committed else "unsaved"
+        for observer in self.observers:
+            observer.refresh_finished(account.provider, outcome, duration)
         _log.info(
             "refresh",
             account=account.name,
             provider=account.provider,
-            outcome="success" if committed else "unsaved",
+            outcome=outcome,
             duration_ms=round(duration * 1000, 1),
             rotated=rotated,
             expires_at=_iso(token.expires_at),
@@ -587,14 +602,19 @@ class Engine:
             self._schedule(account, self._next_refresh_time(account))
 
     async def _put(self, record: StoredAccount) -> StoredAccount:
+        started = self.clock.monotonic()
         try:
-            return await self.store.put(record)
+            stored = await self.store.put(record)
         except StoreConflict:
             # Someone else wrote this account since we read it. Our write carries the
             # newest token (we hold the claim and just received it): write it on top.
             current = await self.store.load(record.account)
             _log.warning("store_conflict", account=record.account)
-            return await self.store.put(record.evolve(version=current.version if current else 0))
+            stored = await self.store.put(record.evolve(version=current.version if current else 0))
+        duration = self.clock.monotonic() - started
+        for observer in self.observers:
+            observer.store_committed(duration)
+        return stored
 
     async def _publish(self, account: Account, token: TokenSet) -> None:
         account.published = token
@@ -634,6 +654,8 @@ class Engine:
                 else AccountState.RETRYING
             )
             self._schedule(account, next_at)
+        for observer in self.observers:
+            observer.refresh_finished(account.provider, failure.kind.value, duration)
         _log.warning(
             "refresh",
             account=account.name,

@@ -10,9 +10,15 @@ from tokend.config._load import (
 )
 from tokend.config._schema import (
     AccountConfig,
+    AllowConfig,
+    BackoffConfig,
+    BreakerConfig,
     Config,
     LogConfig,
+    OnChangeConfig,
+    OutputConfig,
     ProviderConfig,
+    RateLimitConfig,
     RefreshPolicyConfig,
     ServeConfig,
     StateConfig,
@@ -21,11 +27,17 @@ from tokend.config._schema import (
 
 __all__ = [
     "AccountConfig",
+    "AllowConfig",
+    "BackoffConfig",
+    "BreakerConfig",
     "Config",
     "ConfigError",
     "ConfigIssue",
     "LogConfig",
+    "OnChangeConfig",
+    "OutputConfig",
     "ProviderConfig",
+    "RateLimitConfig",
     "RefreshPolicyConfig",
     "ServeConfig",
     "StateConfig",

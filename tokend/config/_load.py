@@ -204,6 +204,18 @@ def _under(base: Path, path: Path) -> Path:
     return path if path.is_absolute() else base / path
 
 
+def _resolve_account(account: AccountConfig, base: Path) -> AccountConfig:
+    update: dict[str, object] = {}
+    if account.refresh_token_file is not None:
+        update["refresh_token_file"] = _under(base, account.refresh_token_file)
+    on_change = account.on_change
+    if on_change is not None and on_change.pid_file is not None:
+        update["on_change"] = on_change.model_copy(
+            update={"pid_file": _under(base, on_change.pid_file)}
+        )
+    return account.model_copy(update=update) if update else account
+
+
 def _resolve_paths(config: Config, base: Path) -> Config:
     """``config`` with every relative path made absolute under ``base``.
 
@@ -221,14 +233,7 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         )
         for name, provider in config.providers.items()
     }
-    accounts = {
-        name: account.model_copy(
-            update={"refresh_token_file": _under(base, account.refresh_token_file)}
-        )
-        if account.refresh_token_file is not None
-        else account
-        for name, account in config.accounts.items()
-    }
+    accounts = {name: _resolve_account(account, base) for name, account in config.accounts.items()}
     return config.model_copy(
         update={
             "state": config.state.model_copy(update={"path": _under(base, config.state.path)}),

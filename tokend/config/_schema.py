@@ -106,9 +106,22 @@ class ServeConfig(_Model):
     socket_mode: FileMode = 0o660
     token_dir: Path | None = Path("./run/tokens")
     token_file_mode: FileMode = 0o640
+    # Owner and group of token files (name or number); default: the daemon's.
+    token_file_owner: str | int | None = None
+    token_file_group: str | int | None = None
     metrics_listen: str | None = "127.0.0.1:9464"
+    # Per-account series (expiry timestamp, state) cost a label per account: opt in.
+    per_account_metrics: bool = False
     # Bounded wait for in-flight refreshes to finish and commit on SIGTERM.
     drain_timeout: Duration = 10.0
+    # Socket API limits: a bad or slow client must not starve the others.
+    max_connections: int = Field(default=256, ge=1, le=65536)
+    idle_timeout: Duration = Field(default=30.0, gt=0)
+    max_header_bytes: int = Field(default=8192, ge=1024, le=1_048_576)
+    # Longest a request may wait for a refresh (?min_valid, forced refresh).
+    request_wait_max: Duration = Field(default=10.0, gt=0)
+    # A forced refresh (POST .../refresh) of one account at most this often.
+    force_refresh_interval: Duration = 10.0
 
 
 class RefreshPolicyConfig(_Model):
@@ -124,6 +137,29 @@ class RefreshPolicyConfig(_Model):
     margin_fraction: float | None = Field(default=None, ge=0, lt=1)
     # Lifetime assumed when the IdP's response carries no usable expires_in.
     default_lifetime: Duration | None = Field(default=None, gt=0)
+
+
+class BackoffConfig(_Model):
+    """Retry delays after a failed refresh: exponential with full jitter."""
+
+    initial: Duration = Field(default=1.0, gt=0)
+    max: Duration = Field(default=300.0, gt=0)
+
+
+class BreakerConfig(_Model):
+    """The provider's circuit breaker."""
+
+    # Consecutive transient failures across the provider's accounts that open it.
+    failure_threshold: int = Field(default=5, ge=1)
+    cooldown_initial: Duration = Field(default=30.0, gt=0)
+    cooldown_max: Duration = Field(default=1800.0, gt=0)
+
+
+class RateLimitConfig(_Model):
+    """Token requests per second to one provider (a token bucket)."""
+
+    rate: float = Field(default=10.0, gt=0)
+    burst: int = Field(default=20, ge=1)
 
 
 class ProviderConfig(_Model):
@@ -147,6 +183,13 @@ class ProviderConfig(_Model):
     extra_params: dict[str, str] = Field(default_factory=dict)
     refresh: RefreshPolicyConfig = Field(default_factory=RefreshPolicyConfig)
     max_concurrency: int = Field(default=4, ge=1, le=1024)
+    rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
+    backoff: BackoffConfig = Field(default_factory=BackoffConfig)
+    breaker: BreakerConfig = Field(default_factory=BreakerConfig)
+    # How long the IdP accepts a just-rotated refresh token again (Okta 30 s, Cognito
+    # up to 60 s, Auth0 and oidc-provider 0): after a lost response, tokend retries the
+    # same token once, at once, inside this window.
+    reuse_grace: Duration = 0.0
 
     # Per field so the error points at the key; the URL itself is not echoed because
     # it may carry credentials (https://user:pass@host).
@@ -186,6 +229,44 @@ class ProviderConfig(_Model):
         return self
 
 
+class AllowConfig(_Model):
+    """Peers (by SO_PEERCRED) allowed to read this account's token over the socket."""
+
+    uids: list[int] = Field(default_factory=list)
+    gids: list[int] = Field(default_factory=list)
+
+
+class OutputConfig(_Model):
+    """An extra file per account rendered from a template, e.g.
+    ``{file: auth-header, template: "Authorization: Bearer {access_token}"}``.
+    Placeholders: access_token, token_type, expires_at, expires_in, scope, account."""
+
+    file: Name
+    template: str
+    mode: FileMode | None = None
+
+
+class OnChangeConfig(_Model):
+    """Tell an application that a new token was published."""
+
+    # Signal the process whose pid is in this file...
+    pid_file: Path | None = None
+    signal: str = "SIGHUP"
+    # ...and/or run this command (argv list, no shell), bounded in time.
+    command: list[str] | None = None
+    timeout: Duration = Field(default=10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> OnChangeConfig:
+        if self.pid_file is None and not self.command:
+            raise ValueError("set pid_file or command (or both)")
+        import signal as _signal
+
+        if not hasattr(_signal, self.signal) or not self.signal.startswith("SIG"):
+            raise ValueError(f"unknown signal {self.signal!r} (e.g. SIGHUP, SIGUSR1)")
+        return self
+
+
 class AccountConfig(_Model):
     """One account whose access token tokend keeps fresh."""
 
@@ -197,6 +278,23 @@ class AccountConfig(_Model):
     refresh: RefreshPolicyConfig = Field(default_factory=RefreshPolicyConfig)
     # Readiness waits for required accounts only.
     required: bool = True
+    # Who may read this account's token over the socket (default: anyone who can
+    # connect, which serve.socket_mode already limits).
+    allow: AllowConfig | None = None
+    outputs: list[OutputConfig] = Field(default_factory=list)
+    on_change: OnChangeConfig | None = None
+
+    @field_validator("outputs")
+    @classmethod
+    def _distinct_outputs(cls, outputs: list[OutputConfig]) -> list[OutputConfig]:
+        names = [o.file for o in outputs]
+        clashes = sorted({n for n in names if names.count(n) > 1 or n in ("token", "token.json")})
+        if clashes:
+            raise ValueError(
+                "output file names must be distinct and not 'token' or 'token.json': "
+                + ", ".join(clashes)
+            )
+        return outputs
 
     _check_seed = field_validator("refresh_token")(_not_empty)
 
