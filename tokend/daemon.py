@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from tokend.config import Config
 from tokend.engine import Engine
 from tokend.oauth import ProviderClient, ProviderSetupError
 from tokend.publish import Publisher, TokenFiles
+from tokend.publish.metrics import Metrics
+from tokend.publish.server import serve_socket, serve_tcp
 from tokend.store import open_store
 
 _log = logs.get_logger()
@@ -63,13 +66,16 @@ class Daemon:
         clients, errors = build_clients(self.config)
         for client in clients.values():
             stack.push_async_callback(client.aclose)
-        return Engine(
+        engine = Engine(
             self.config,
             store,
             clients,
             client_errors=errors,
             publishers=build_publishers(self.config),
         )
+        self.metrics = Metrics(engine, self.config.serve)
+        engine.observers.append(self.metrics)
+        return engine
 
     async def run(self) -> int:
         async with AsyncExitStack() as stack:
@@ -96,6 +102,10 @@ class Daemon:
         """Long-running servers around the engine; each is started with
         ``task_group.start`` and reports readiness through ``task_status``."""
         services: list[Service] = []
+        if self.config.serve.socket is not None:
+            services.append(partial(serve_socket, engine, self.config, self.metrics))
+        if self.config.serve.metrics_listen is not None:
+            services.append(partial(serve_tcp, engine, self.config, self.metrics))
         return services
 
     async def run_once(self) -> int:

@@ -39,7 +39,10 @@ from tokend.oauth import FailureKind, Outcome, ProviderClient, TokenFailure, Tok
 from tokend.observe import Observer
 from tokend.policy import (
     BackoffPolicy,
+    BreakerPolicy,
+    BreakerState,
     RefreshTiming,
+    breaker_reset,
     is_lost_response,
     refresh_at,
     retry_delay,
@@ -74,6 +77,8 @@ class Account:
     last_refresh_at: float | None = None
     next_attempt_at: float | None = None
     failures: int = 0
+    # When an application last asked for a refresh ahead of schedule.
+    force_requested_at: float | None = None
     lock: anyio.Lock = field(default_factory=anyio.Lock)
     # Set (and replaced) whenever a refresh attempt ends: waiters watch it.
     settled: anyio.Event = field(default_factory=anyio.Event)
@@ -87,11 +92,14 @@ class Account:
 
 
 @dataclass
-class _Provider:
+class ProviderRuntime:
+    """One provider at run time: its client, its limits and its circuit breaker."""
+
     name: str
     client: ProviderClient | None
     setup_error: str | None
     limiter: anyio.CapacityLimiter
+    breaker: BreakerState = field(default_factory=lambda: breaker_reset(BreakerPolicy()))
 
 
 class Engine:
@@ -120,8 +128,8 @@ class Engine:
         self.owner = owner or f"tokend-{uuid.uuid4().hex[:12]}"
         self.backoff = BackoffPolicy()
         self.accounts: dict[str, Account] = {}
-        self.providers: dict[str, _Provider] = {
-            name: _Provider(
+        self.providers: dict[str, ProviderRuntime] = {
+            name: ProviderRuntime(
                 name=name,
                 client=clients.get(name),
                 setup_error=(client_errors or {}).get(name),
@@ -417,20 +425,26 @@ class Engine:
 
     async def wait_fresh(self, name: str, min_valid: float, max_wait: float) -> Account:
         """Wait (bounded) until ``name`` holds a token valid ``min_valid`` more seconds,
-        triggering the account's single-flight refresh if it does not."""
+        triggering the account's single-flight refresh if it does not.
+
+        One refresh at most per call: if the IdP issues tokens shorter than
+        ``min_valid``, asking again would only hammer it.
+        """
         account = self.accounts[name]
-        with anyio.move_on_after(max_wait):
-            while not account.token_valid(self.clock.time(), min_valid):
-                if account.state is AccountState.NEEDS_REAUTH:
-                    break
-                settled = account.settled
-                self._enqueue(name, forced=True)
-                await settled.wait()
+        if account.token_valid(self.clock.time(), min_valid):
+            return account
+        if account.state is not AccountState.NEEDS_REAUTH:
+            await self.force_refresh(name, max_wait)
         return account
 
     async def force_refresh(self, name: str, max_wait: float) -> Account:
-        """Refresh ``name`` now (an application got a 401 before expiry) and wait, bounded."""
+        """Refresh ``name`` now (an application got a 401 before expiry) and wait,
+        bounded. A refresh that completes after this call began satisfies it, so many
+        callers at once cause one refresh."""
         account = self.accounts[name]
+        requested_at = self.clock.time()
+        if account.force_requested_at is None or account.force_requested_at < requested_at:
+            account.force_requested_at = requested_at
         settled = account.settled
         self._enqueue(name, forced=True)
         with anyio.move_on_after(max_wait):
@@ -456,6 +470,8 @@ class Engine:
             return
         if account.state is AccountState.NEEDS_REAUTH or self._unusable(account):
             return
+        if forced and _refreshed_since(account, account.force_requested_at):
+            return  # a refresh finished after the request: it already has its new token
         if not forced and account.next_attempt_at is not None and now < account.next_attempt_at - 1:
             # Woken early (a clock jump, a stale job): recompute instead of refreshing.
             self._schedule(account, account.next_attempt_at)
@@ -670,6 +686,14 @@ class Engine:
             token_valid=account.token_valid(now),
             next_attempt_at=_iso(next_at) if next_at else None,
         )
+
+
+def _refreshed_since(account: Account, since: float | None) -> bool:
+    return (
+        since is not None
+        and account.last_refresh_at is not None
+        and (account.last_refresh_at >= since)
+    )
 
 
 def _store_unavailable(exc: StoreError) -> TokenFailure:
