@@ -6,6 +6,7 @@ SIGTERM and SIGINT stop scheduling and drain in-flight refreshes (bounded by
 
 from __future__ import annotations
 
+import hashlib
 import signal
 from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack
@@ -14,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from anyio.abc import TaskGroup
 
 from tokend import logs
 from tokend._version import __version__
-from tokend.config import Config
+from tokend.config import Config, ConfigError, ProviderConfig, load_config
 from tokend.engine import Engine
 from tokend.oauth import ProviderClient, ProviderSetupError
 from tokend.publish import Publisher, TokenFiles
@@ -45,6 +47,22 @@ def build_clients(config: Config) -> tuple[dict[str, ProviderClient], dict[str, 
     return clients, errors
 
 
+def provider_fingerprint(config: ProviderConfig) -> str:
+    """Changes when anything that shapes a provider's client changes, including the
+    content of its secret and key files (so fixing a secret file and sending SIGHUP
+    counts as a config change)."""
+    digest = hashlib.sha256(config.model_dump_json().encode())
+    if config.client_secret is not None:
+        digest.update(b"\0secret\0" + config.client_secret.get_secret_value().encode())
+    for path in (config.client_secret_file, config.private_key_file):
+        if path is not None:
+            try:
+                digest.update(b"\0file\0" + path.read_bytes())
+            except OSError as exc:
+                digest.update(f"\0unreadable\0{exc.errno}".encode())
+    return digest.hexdigest()
+
+
 def build_publishers(config: Config) -> list[Publisher]:
     publishers: list[Publisher] = []
     if config.serve.token_dir is not None:
@@ -58,14 +76,23 @@ class Daemon:
     def __init__(self, config: Config, config_path: Path) -> None:
         self.config = config
         self.config_path = config_path
+        self.clients: dict[str, ProviderClient] = {}
+        self.fingerprints: dict[str, str] = {}
+
+    async def _close_clients(self) -> None:
+        for client in self.clients.values():
+            await client.aclose()
 
     async def _open(self, stack: AsyncExitStack) -> Engine:
         store = open_store(self.config.state)
         await store.open()
         stack.push_async_callback(store.close)
+        self.fingerprints = {
+            name: provider_fingerprint(p) for name, p in self.config.providers.items()
+        }
         clients, errors = build_clients(self.config)
-        for client in clients.values():
-            stack.push_async_callback(client.aclose)
+        self.clients = dict(clients)
+        stack.push_async_callback(self._close_clients)
         engine = Engine(
             self.config,
             store,
@@ -89,7 +116,7 @@ class Daemon:
             )
             await engine.load()
             async with anyio.create_task_group() as group:
-                group.start_soon(self._handle_signals, engine)
+                group.start_soon(self._handle_signals, engine, group)
                 # Services answer while the engine runs and drains, then stop with it.
                 for service in self._services(engine):
                     await group.start(service)
@@ -120,11 +147,60 @@ class Daemon:
             _log.info("once_done", ok=ok, accounts_without_token=missing)
         return 0 if ok else 1
 
-    async def _handle_signals(self, engine: Engine) -> None:
+    async def _handle_signals(self, engine: Engine, group: TaskGroup) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    _log.info("reload_requested")
+                    await self.reload(engine, group)
                     continue
                 _log.info("stopping", signal=signal.Signals(signum).name)
                 engine.stop()
+
+    async def reload(self, engine: Engine, group: TaskGroup) -> None:
+        """Re-read the config (SIGHUP). A bad config is rejected with its errors logged
+        and the old one kept. ``state`` and ``serve`` need a restart to change."""
+        _log.info("reload_requested", config=str(self.config_path))
+        try:
+            config = await anyio.to_thread.run_sync(load_config, self.config_path)
+        except ConfigError as exc:
+            _log.error(
+                "reload_rejected",
+                errors=[str(issue) for issue in exc.errors],
+                detail="the config in force stays unchanged; fix the file and send SIGHUP again",
+            )
+            return
+        for section in ("state", "serve"):
+            if getattr(config, section) != getattr(self.config, section):
+                _log.warning("reload_needs_restart", section=section)
+        config = config.model_copy(update={"state": self.config.state, "serve": self.config.serve})
+        if config.log != self.config.log:
+            logs.configure(config.log.level, config.log.format)
+        fingerprints = {name: provider_fingerprint(p) for name, p in config.providers.items()}
+        changed = {n for n, fp in fingerprints.items() if self.fingerprints.get(n) != fp}
+        clients, errors = build_clients(
+            config.model_copy(
+                update={"providers": {n: config.providers[n] for n in sorted(changed)}}
+            )
+        )
+        retired = await engine.reload(config, clients, errors, changed)
+        engine.publishers = build_publishers(config)
+        self.fingerprints = fingerprints
+        for name in set(self.clients) - set(config.providers):
+            del self.clients[name]
+        self.clients.update(clients)
+        for client in retired:
+            # Requests already using the old client finish first (bounded by its timeout).
+            group.start_soon(self._close_later, client, client.timeout + 1.0)
+        self.config = config
+        _log.info(
+            "reloaded",
+            providers_changed=sorted(changed),
+            accounts=len(config.accounts),
+        )
+
+    async def _close_later(self, client: ProviderClient, delay: float) -> None:
+        try:
+            await anyio.sleep(delay)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await client.aclose()

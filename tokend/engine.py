@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
@@ -32,17 +32,28 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from tokend.clock import Clock, SystemClock
-from tokend.config import AccountConfig, Config, read_secret_file
+from tokend.config import AccountConfig, Config, ProviderConfig, read_secret_file
 from tokend.logs import get_logger, register_secret
 from tokend.model import AccountState, StoredAccount, TokenSet, fingerprint
 from tokend.oauth import FailureKind, Outcome, ProviderClient, TokenFailure, TokenResponse
 from tokend.observe import Observer
 from tokend.policy import (
+    AccountPolicyState,
     BackoffPolicy,
     BreakerPolicy,
     BreakerState,
+    BreakerStatus,
+    BucketState,
+    RateLimit,
     RefreshTiming,
+    account_after_failure,
+    account_after_success,
+    breaker_abandon_probe,
+    breaker_admit,
+    breaker_record,
     breaker_reset,
+    bucket_full,
+    bucket_reserve,
     is_lost_response,
     refresh_at,
     retry_delay,
@@ -76,7 +87,9 @@ class Account:
     last_error: str | None = None
     last_refresh_at: float | None = None
     next_attempt_at: float | None = None
-    failures: int = 0
+    policy: AccountPolicyState = field(default_factory=AccountPolicyState)
+    # Failed commits in a row of an unsaved token (the commit retry's backoff attempt).
+    commit_failures: int = 0
     # When an application last asked for a refresh ahead of schedule.
     force_requested_at: float | None = None
     lock: anyio.Lock = field(default_factory=anyio.Lock)
@@ -96,10 +109,50 @@ class ProviderRuntime:
     """One provider at run time: its client, its limits and its circuit breaker."""
 
     name: str
+    config: ProviderConfig
     client: ProviderClient | None
     setup_error: str | None
     limiter: anyio.CapacityLimiter
-    breaker: BreakerState = field(default_factory=lambda: breaker_reset(BreakerPolicy()))
+    rate_limit: RateLimit
+    bucket: BucketState
+    backoff: BackoffPolicy
+    breaker_policy: BreakerPolicy
+    breaker: BreakerState
+
+    @classmethod
+    def build(
+        cls,
+        name: str,
+        config: ProviderConfig,
+        client: ProviderClient | None,
+        setup_error: str | None,
+        now: float,
+    ) -> ProviderRuntime:
+        rate_limit = RateLimit(rate=config.rate_limit.rate, burst=config.rate_limit.burst)
+        breaker_policy = BreakerPolicy(
+            failure_threshold=config.breaker.failure_threshold,
+            cooldown_initial=config.breaker.cooldown_initial,
+            cooldown_max=max(config.breaker.cooldown_max, config.breaker.cooldown_initial),
+        )
+        return cls(
+            name=name,
+            config=config,
+            client=client,
+            setup_error=setup_error,
+            limiter=anyio.CapacityLimiter(config.max_concurrency),
+            rate_limit=rate_limit,
+            bucket=bucket_full(rate_limit, now),
+            backoff=BackoffPolicy(
+                initial=config.backoff.initial,
+                maximum=max(config.backoff.max, config.backoff.initial),
+            ),
+            breaker_policy=breaker_policy,
+            breaker=breaker_reset(breaker_policy),
+        )
+
+    @property
+    def reuse_grace(self) -> float:
+        return self.config.reuse_grace
 
 
 class Engine:
@@ -126,14 +179,11 @@ class Engine:
         self.rng = rng or random.Random()
         # Identifies this process in the store's per-account claims.
         self.owner = owner or f"tokend-{uuid.uuid4().hex[:12]}"
-        self.backoff = BackoffPolicy()
         self.accounts: dict[str, Account] = {}
+        now = self.clock.time()
         self.providers: dict[str, ProviderRuntime] = {
-            name: ProviderRuntime(
-                name=name,
-                client=clients.get(name),
-                setup_error=(client_errors or {}).get(name),
-                limiter=anyio.CapacityLimiter(pconf.max_concurrency),
+            name: ProviderRuntime.build(
+                name, pconf, clients.get(name), (client_errors or {}).get(name), now
             )
             for name, pconf in config.providers.items()
         }
@@ -207,6 +257,10 @@ class Engine:
                 )
             record = await self._put_or_keep(record)
         account = Account(name, aconf, timing, record)
+        if record.in_flight_since is not None:
+            # The last run may have lost a rotated token: the policy treats the next
+            # invalid_grant as the consequence of that, and may use the reuse grace.
+            account.policy = AccountPolicyState(lost_response_at=record.in_flight_since)
         self._adopt_stored_token(account, now)
         return account
 
@@ -412,6 +466,103 @@ class Engine:
                 else:
                     self._schedule(account, min(account.next_attempt_at, self.clock.time()))
 
+    # -- reload -----------------------------------------------------------------------------
+
+    async def reload(
+        self,
+        config: Config,
+        clients: Mapping[str, ProviderClient],
+        client_errors: Mapping[str, str],
+        changed_providers: set[str],
+    ) -> list[ProviderClient]:
+        """Apply a new config: removed accounts stop (their files go), added ones start,
+        a changed seed replaces the stored chain (and clears ``needs_reauth``); the
+        tokens of unchanged accounts are untouched. ``changed_providers`` got new
+        ``clients`` (their config or credential files changed): their breakers reset.
+        Returns the replaced clients, for the caller to close once idle."""
+        now = self.clock.time()
+        retired: list[ProviderClient] = []
+        for name, pconf in config.providers.items():
+            old = self.providers.get(name)
+            if old is not None and name not in changed_providers:
+                old.config = pconf
+                continue
+            if old is not None and old.client is not None:
+                retired.append(old.client)
+            self.providers[name] = ProviderRuntime.build(
+                name, pconf, clients.get(name), client_errors.get(name), now
+            )
+            _log.info("provider_updated", provider=name)
+        for name in set(self.providers) - set(config.providers):
+            runtime = self.providers.pop(name)
+            if runtime.client is not None:
+                retired.append(runtime.client)
+        self.config = config
+
+        for name in set(self.accounts) - set(config.accounts):
+            removed = self.accounts[name]
+            async with removed.lock:
+                del self.accounts[name]
+                self._unschedule(name)
+                for publisher in self.publishers:
+                    await publisher.withdraw(name)
+            _log.info("account_removed", account=name)
+        for name, aconf in config.accounts.items():
+            account = self.accounts.get(name)
+            if account is None:
+                account = await self._reconcile(name, aconf, await self.store.load(name), now)
+                self.accounts[name] = account
+                _log.info("account_added", account=name)
+                if account.published is not None:
+                    await self._publish(account, account.published)
+                self._schedule_after_reload(account, now)
+                continue
+            async with account.lock:
+                await self._reload_account(account, aconf, aconf.provider in changed_providers)
+        return retired
+
+    async def _reload_account(
+        self, account: Account, aconf: AccountConfig, provider_changed: bool
+    ) -> None:
+        now = self.clock.time()
+        try:
+            seed = self._read_seed(aconf)
+        except (OSError, ValueError) as exc:
+            _log.error("seed_unreadable", account=account.name, error=str(exc))
+            return
+        account.config = aconf
+        account.timing = self._timing_for(aconf)
+        seed_fp = fingerprint(seed) if seed is not None else None
+        if seed_fp != account.record.seed_fingerprint:
+            # A new seed replaces the stored chain and clears needs_reauth; the old
+            # chain's access token stays served while it is valid.
+            fresh = await self._reconcile(
+                account.name, aconf, await self.store.load(account.name), now
+            )
+            account.record = fresh.record
+            account.policy = AccountPolicyState()
+            account.unsaved = None
+            account.last_error = fresh.last_error
+            account.state = AccountState.VALID if account.token_valid(now) else AccountState.PENDING
+            _log.info("seed_replaced", account=account.name)
+            self._schedule(account, now)
+            return
+        if provider_changed or (
+            account.next_attempt_at is None and account.state is AccountState.BLOCKED
+        ):
+            self._schedule_after_reload(account, now)
+
+    def _schedule_after_reload(self, account: Account, now: float) -> None:
+        if account.state is AccountState.NEEDS_REAUTH or self._unusable(account):
+            return
+        at = self._next_refresh_time(account)
+        self._schedule(account, max(now, at) if account.token_valid(now) else now)
+
+    def _unschedule(self, name: str) -> None:
+        scheduler = self._scheduler
+        if scheduler is not None and scheduler.get_job(name) is not None:
+            scheduler.remove_job(name)
+
     # -- requests from applications ---------------------------------------------------------
 
     def not_ready(self) -> list[str]:
@@ -479,55 +630,137 @@ class Engine:
         provider = self.providers[account.provider]
         client = provider.client
         assert client is not None
-        claim_ttl = self.config.providers[account.provider].timeout + 30.0
+        # While the breaker is open, don't even queue for the rate limit.
+        admission, _ = breaker_admit(provider.breaker, now, provider.breaker_policy)
+        if not admission.allowed:
+            self._hold_for_breaker(account, provider, admission.retry_at)
+            return
         async with provider.limiter:
-            try:
-                claimed = await self.store.claim(account.name, self.owner, claim_ttl)
-            except StoreError as exc:
-                await self._on_failure(account, _store_unavailable(exc), 0.0)
+            # Pace requests to the provider (FIFO): a thousand accounts due at once
+            # go out at the configured rate, not in one burst.
+            start_at, provider.bucket = bucket_reserve(
+                provider.bucket, provider.rate_limit, self.clock.time()
+            )
+            await anyio.sleep(max(0.0, start_at - self.clock.time()))
+            admission, provider.breaker = breaker_admit(
+                provider.breaker, self.clock.time(), provider.breaker_policy
+            )
+            if not admission.allowed:
+                self._hold_for_breaker(account, provider, admission.retry_at)
                 return
-            if not claimed:
-                # Another replica is refreshing this account; look again shortly.
-                self._schedule(account, now + 5.0)
-                return
             try:
-                await self._exchange(account, client)
-            finally:
-                try:
-                    await self.store.release(account.name, self.owner)
-                except StoreError as exc:
-                    # The claim lapses by itself after its TTL.
-                    _log.warning("store_release_failed", account=account.name, error=str(exc))
+                await self._claimed_exchange(account, provider, client)
+            except BaseException:
+                if admission.probe:
+                    provider.breaker = breaker_abandon_probe(provider.breaker, self.clock.time())
+                raise
 
-    async def _exchange(self, account: Account, client: ProviderClient) -> None:
+    def _hold_for_breaker(
+        self, account: Account, provider: ProviderRuntime, retry_at: float | None
+    ) -> None:
+        """The provider's breaker is open: no request; look again when it may admit."""
+        previous = account.state
+        account.state = AccountState.BLOCKED
+        reason = provider.breaker.last_reason or "failures"
+        account.last_error = f"provider {provider.name}: circuit breaker open ({reason})"
+        if retry_at is None:
+            account.next_attempt_at = None  # until the provider's config changes
+        else:
+            # Spread the wake-ups so accounts don't all return at the same instant.
+            self._schedule(account, retry_at + self.rng.uniform(0, 1.0))
+        if previous is not AccountState.BLOCKED:
+            _log.warning(
+                "account_blocked",
+                account=account.name,
+                provider=provider.name,
+                error=account.last_error,
+                next_attempt_at=_iso(account.next_attempt_at) if account.next_attempt_at else None,
+            )
+
+    async def _claimed_exchange(
+        self, account: Account, provider: ProviderRuntime, client: ProviderClient
+    ) -> None:
+        claim_ttl = self.config.providers[account.provider].timeout + 30.0
+        try:
+            claimed = await self.store.claim(account.name, self.owner, claim_ttl)
+        except StoreError as exc:
+            await self._on_failure(account, provider, _store_unavailable(exc), 0.0)
+            return
+        if not claimed:
+            # Another replica is refreshing this account; look again shortly.
+            self._schedule(account, self.clock.time() + 5.0)
+            return
+        try:
+            retry_now = await self._exchange(account, provider, client)
+            if retry_now:
+                # The response was lost inside the IdP's reuse grace: the same token
+                # once more, at once, before anything else.
+                await self._exchange(account, provider, client)
+        finally:
+            try:
+                await self.store.release(account.name, self.owner)
+            except StoreError as exc:
+                # The claim lapses by itself after its TTL.
+                _log.warning("store_release_failed", account=account.name, error=str(exc))
+
+    async def _exchange(
+        self, account: Account, provider: ProviderRuntime, client: ProviderClient
+    ) -> bool:
+        """One token request and its consequences. True if the policy asks to resend
+        the same refresh token at once (a lost response inside the reuse grace)."""
         previous_state = account.state
         account.state = AccountState.REFRESHING
         refresh_token = account.record.refresh_token
         started = self.clock.monotonic()
         outcome: Outcome
-        if account.config.grant == "refresh_token":
-            assert refresh_token is not None
-            # Durably note that the token is about to leave: after a crash, a restart
-            # knows the IdP may have rotated it.
-            try:
-                account.record = await self._put(
-                    account.record.evolve(in_flight_since=self.clock.time())
-                )
-            except StoreError as exc:
-                account.state = previous_state
-                await self._on_failure(
-                    account, _store_unavailable(exc), self.clock.monotonic() - started
-                )
-                return
-            outcome = await client.refresh(refresh_token, account.config.scope)
-        else:
-            outcome = await client.client_credentials(account.config.scope)
+        try:
+            if account.config.grant == "refresh_token":
+                assert refresh_token is not None
+                # Durably note that the token is about to leave: after a crash, a
+                # restart knows the IdP may have rotated it.
+                try:
+                    account.record = await self._put(
+                        account.record.evolve(in_flight_since=self.clock.time())
+                    )
+                except StoreError as exc:
+                    account.state = previous_state
+                    await self._on_failure(account, provider, _store_unavailable(exc), 0.0)
+                    return False
+                outcome = await client.refresh(refresh_token, account.config.scope)
+            else:
+                outcome = await client.client_credentials(account.config.scope)
+        except BaseException:
+            account.state = previous_state
+            raise
         duration = self.clock.monotonic() - started
+        self._record_breaker(provider, outcome)
         if isinstance(outcome, TokenResponse):
             await self._on_success(account, outcome, refresh_token, duration)
-        else:
-            account.state = previous_state
-            await self._on_failure(account, outcome, duration)
+            return False
+        account.state = previous_state
+        return await self._on_failure(account, provider, outcome, duration)
+
+    def _record_breaker(self, provider: ProviderRuntime, outcome: Outcome) -> None:
+        before = provider.breaker
+        result: TokenFailure | Literal["success"] = (
+            "success" if isinstance(outcome, TokenResponse) else outcome
+        )
+        after = breaker_record(before, provider.breaker_policy, result, self.clock.time())
+        provider.breaker = after
+        if after.status is not before.status or after.permanent != before.permanent:
+            event = {
+                BreakerStatus.OPEN: "circuit_opened",
+                BreakerStatus.HALF_OPEN: "circuit_half_open",
+                BreakerStatus.CLOSED: "circuit_closed",
+            }[after.status]
+            _log.warning(
+                event,
+                provider=provider.name,
+                reason=after.last_reason,
+                permanent=after.permanent,
+                reopens_probe_at=_iso(after.opened_until) if after.opened_until else None,
+                cooldown_s=after.cooldown,
+            )
 
     async def _on_success(
         self,
@@ -559,7 +792,7 @@ class Engine:
         rotated = (
             response.refresh_token is not None and response.refresh_token != used_refresh_token
         )
-        account.failures = 0
+        account.policy = account_after_success(account.policy)
         committed = await self._commit(account, record)
         next_at = account.next_attempt_at if not committed else self._next_refresh_time(account)
         outcome = "success" if committed else "unsaved"
@@ -587,8 +820,9 @@ class Engine:
             account.unsaved = record
             account.state = AccountState.UNSAVED
             account.last_error = f"could not save the new token: {exc}"
-            delay = retry_delay(self.backoff, account.failures, self.rng.random(), None)
-            account.failures += 1
+            backoff = self.providers[account.provider].backoff
+            delay = retry_delay(backoff, account.commit_failures, self.rng.random(), None)
+            account.commit_failures += 1
             _log.error(
                 "commit_failed",
                 account=account.name,
@@ -601,7 +835,7 @@ class Engine:
             return False
         account.record = stored
         account.unsaved = None
-        account.failures = 0
+        account.commit_failures = 0
         account.last_error = None
         account.last_refresh_at = self.clock.time()
         account.state = AccountState.VALID
@@ -637,8 +871,28 @@ class Engine:
         for publisher in self.publishers:
             await publisher.publish(account.name, token)
 
-    async def _on_failure(self, account: Account, failure: TokenFailure, duration: float) -> None:
+    async def _on_failure(
+        self,
+        account: Account,
+        provider: ProviderRuntime,
+        failure: TokenFailure,
+        duration: float,
+    ) -> bool:
+        """Record a failed refresh and decide what next. True: resend the same refresh
+        token at once (a lost response inside the provider's reuse grace)."""
         now = self.clock.time()
+        token = account.published
+        decision = account_after_failure(
+            account.policy,
+            failure,
+            now=now,
+            token_expires_at=token.expires_at if token else None,
+            backoff=provider.backoff,
+            u=self.rng.random(),
+            reuse_grace=provider.reuse_grace,
+        )
+        account.policy = decision.policy_state
+        previous_error = account.last_error
         account.last_error = failure.summary()
         # A response lost after the request was sent: the IdP may have rotated the
         # refresh token, so the in-flight mark stays until a later outcome settles it.
@@ -654,25 +908,19 @@ class Engine:
         except StoreError as exc:
             _log.warning("store_write_failed", account=account.name, error=str(exc))
         previous = account.state
-        if failure.kind is FailureKind.ACCOUNT_PERMANENT:
-            account.state = AccountState.NEEDS_REAUTH
-            account.next_attempt_at = None
-            next_at = None
+        account.state = decision.state
+        if decision.next_attempt_at is not None and not decision.retry_same_token_now:
+            self._schedule(account, decision.next_attempt_at)
         else:
-            delay = retry_delay(
-                self.backoff, account.failures, self.rng.random(), failure.retry_after
-            )
-            account.failures += 1
-            next_at = now + delay
-            account.state = (
-                AccountState.BLOCKED
-                if failure.kind in (FailureKind.BLOCKED, FailureKind.PROVIDER_PERMANENT)
-                else AccountState.RETRYING
-            )
-            self._schedule(account, next_at)
+            account.next_attempt_at = decision.next_attempt_at
         for observer in self.observers:
             observer.refresh_finished(account.provider, failure.kind.value, duration)
-        _log.warning(
+        # One line per change of state or cause; retries that change nothing log at debug.
+        changed = previous is not decision.state or previous_error != account.last_error
+        log = _log.warning if changed else _log.debug
+        if decision.state is AccountState.NEEDS_REAUTH:
+            log = _log.error
+        log(
             "refresh",
             account=account.name,
             provider=account.provider,
@@ -680,12 +928,16 @@ class Engine:
             reason=failure.reason,
             status=failure.status,
             error=account.last_error,
+            message=decision.message,
             duration_ms=round(duration * 1000, 1),
             state=account.state.value,
             previous_state=previous.value,
+            attempt=account.policy.consecutive_failures,
             token_valid=account.token_valid(now),
-            next_attempt_at=_iso(next_at) if next_at else None,
+            retry_same_token_now=decision.retry_same_token_now,
+            next_attempt_at=_iso(decision.next_attempt_at) if decision.next_attempt_at else None,
         )
+        return bool(decision.retry_same_token_now)
 
 
 def _refreshed_since(account: Account, since: float | None) -> bool:

@@ -62,6 +62,11 @@ class ProviderClient:
             else Discovery(self._http, config.issuer, headers=self._headers, timeout=config.timeout)
         )
 
+    @property
+    def timeout(self) -> float:
+        """The total time one token request may take."""
+        return self._config.timeout
+
     def __repr__(self) -> str:
         return f"ProviderClient(name={self.name!r}, auth_method={self._auth.method!r})"
 
