@@ -107,7 +107,10 @@ def forget_secret(value: str | None) -> None:
 def redact(value: Any, key: str | None = None) -> Any:
     """``value`` with every secret replaced (recursively through dicts and lists)."""
     if key is not None and key not in _SAFE_KEYS and _SECRET_KEY.search(key):
-        return REDACTED if value not in (None, "", False) else value
+        # Flags and counts ("retry_same_token_now", "token_valid") carry no secret.
+        if value is None or value == "" or isinstance(value, bool | int | float):
+            return value
+        return REDACTED
     if isinstance(value, str):
         return _CREDENTIAL_IN_TEXT.sub(r"\1 " + REDACTED, _secrets.scrub(value))
     if isinstance(value, Mapping):
