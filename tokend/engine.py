@@ -24,12 +24,11 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Literal
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from tokend.clock import Clock, SystemClock
 from tokend.config import AccountConfig, Config, ProviderConfig, read_secret_file
@@ -59,6 +58,7 @@ from tokend.policy import (
     retry_delay,
 )
 from tokend.publish import Publisher
+from tokend.schedule import RefreshSchedule
 from tokend.store import Store, StoreConflict, StoreError
 
 _log = get_logger()
@@ -67,6 +67,8 @@ _log = get_logger()
 # recomputation of every account's schedule.
 _CLOCK_JUMP_TOLERANCE = 2.0
 _CLOCK_CHECK_INTERVAL = 5.0
+# Concurrent workers republishing restored tokens at start.
+_RESTORE_WORKERS = 8
 # Accounts due at start are spread over up to this many seconds.
 _START_SPREAD_MAX = 5.0
 
@@ -194,7 +196,7 @@ class Engine:
         self._queued: set[str] = set()
         self._forced: set[str] = set()
         self._stop = anyio.Event()
-        self._scheduler: Any = None
+        self.schedule = RefreshSchedule(self._on_due, self.clock)
         self._loaded = False
 
     # -- start: load the store, reconcile seeds, serve what is still valid -------------
@@ -295,32 +297,25 @@ class Engine:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve until :meth:`stop`; then drain in-flight refreshes (bounded) and return."""
         await self.load()
-        self._scheduler = AsyncIOScheduler(
-            event_loop=asyncio.get_running_loop(),
-            job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1},
-        )
-        self._scheduler.start()
+        self._schedule_start()
+        self.schedule.start(asyncio.get_running_loop())
         try:
             async with anyio.create_task_group() as outer:
                 outer.start_soon(self._watch_clock)
                 async with anyio.create_task_group() as refreshes:
                     refreshes.start_soon(self._dispatch, refreshes)
-                    await self._publish_restored(refreshes)
-                    self._schedule_start()
+                    refreshes.start_soon(self._publish_restored)
                     task_status.started()
                     await self._stop.wait()
                     # Stop scheduling; let in-flight refreshes finish and commit, bounded.
-                    self._scheduler.shutdown(wait=False)
-                    self._scheduler = None
+                    self.schedule.shutdown()
                     self._due_send.close()
                     refreshes.cancel_scope.deadline = (
                         anyio.current_time() + self.config.serve.drain_timeout
                     )
                 outer.cancel_scope.cancel()
         finally:
-            if self._scheduler is not None:
-                self._scheduler.shutdown(wait=False)
-                self._scheduler = None
+            self.schedule.shutdown()
         unsaved = [a.name for a in self.accounts.values() if a.unsaved is not None]
         if unsaved:
             _log.critical(
@@ -339,7 +334,7 @@ class Engine:
         await self.load()
         now = self.clock.time()
         async with anyio.create_task_group() as group:
-            await self._publish_restored(group)
+            group.start_soon(self._publish_restored)
             for account in self.accounts.values():
                 if account.state is AccountState.NEEDS_REAUTH:
                     continue
@@ -358,12 +353,28 @@ class Engine:
                     async with account.lock:
                         await self._commit_unsaved(account)
 
-    async def _publish_restored(self, group: TaskGroup) -> None:
-        restored = [a for a in self.accounts.values() if a.published is not None]
-        for account in restored:
-            token = account.published
-            assert token is not None
-            group.start_soon(self._publish, account, token)
+    async def _publish_restored(self) -> None:
+        """Hand restored tokens to the publishers (their files may be missing or stale),
+        a few accounts at a time: the socket serves them from memory at once, and a
+        start with 100,000 accounts must not create 100,000 tasks."""
+        if not self.publishers:
+            return
+        pending = iter([name for name, a in self.accounts.items() if a.published is not None])
+
+        async def worker() -> None:
+            for name in pending:
+                account = self.accounts.get(name)
+                if account is None:
+                    continue
+                # Under the lock: a refresh that got there first has published a newer
+                # token, which must not be overwritten by the restored one.
+                async with account.lock:
+                    if account.published is not None:
+                        await self._publish(account, account.published)
+
+        async with anyio.create_task_group() as workers:
+            for _ in range(_RESTORE_WORKERS):
+                workers.start_soon(worker)
 
     # -- scheduling ---------------------------------------------------------------------
 
@@ -399,21 +410,11 @@ class Engine:
 
     def _schedule(self, account: Account, at: float) -> None:
         account.next_attempt_at = at
-        scheduler = self._scheduler
-        if scheduler is None:
-            return
-        scheduler.add_job(
-            self._on_due,
-            trigger="date",
-            run_date=datetime.fromtimestamp(at, tz=UTC),
-            args=[account.name],
-            id=account.name,
-            replace_existing=True,
-        )
+        self.schedule.set(account.name, at)
 
-    async def _on_due(self, name: str) -> None:
-        # Runs in the scheduler's executor: hand the account to the task group, at once.
-        self._enqueue(name)
+    def _on_due(self, names: list[str]) -> None:
+        for name in names:
+            self._enqueue(name)
 
     def _enqueue(self, name: str, *, forced: bool = False) -> None:
         if forced:
@@ -455,16 +456,14 @@ class Engine:
             drift = (wall - wall0) - (mono - mono0)
             if abs(drift) > _CLOCK_JUMP_TOLERANCE:
                 _log.warning("wall_clock_jumped", seconds=round(drift, 3))
-                self._reschedule_all()
+                self._clock_jumped(drift)
             wall0, mono0 = wall, mono
 
-    def _reschedule_all(self) -> None:
+    def _clock_jumped(self, delta: float) -> None:
+        # Due times were computed as "now + wait" on the old clock: keep each wait.
+        self.schedule.shift(delta)
         for account in self.accounts.values():
-            if account.next_attempt_at is not None and not account.lock.locked():
-                if account.state in (AccountState.VALID, AccountState.PENDING):
-                    self._schedule(account, self._next_refresh_time(account))
-                else:
-                    self._schedule(account, min(account.next_attempt_at, self.clock.time()))
+            account.next_attempt_at = self.schedule.due_at(account.name)
 
     # -- reload -----------------------------------------------------------------------------
 
@@ -559,9 +558,7 @@ class Engine:
         self._schedule(account, max(now, at) if account.token_valid(now) else now)
 
     def _unschedule(self, name: str) -> None:
-        scheduler = self._scheduler
-        if scheduler is not None and scheduler.get_job(name) is not None:
-            scheduler.remove_job(name)
+        self.schedule.remove(name)
 
     # -- requests from applications ---------------------------------------------------------
 
