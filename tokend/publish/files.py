@@ -1,46 +1,158 @@
-"""Token files on a shared volume: ``TOKEN_DIR/ACCOUNT/token`` and ``token.json``.
+"""Token files on a shared volume: ``TOKEN_DIR/ACCOUNT/token``, ``token.json`` and any
+extra outputs rendered from a template.
 
-Every write is atomic and durable: a temp file in the same directory gets its final
-mode before any byte is written, is fsynced, renamed over the old file, and the
-directory is fsynced. A reader sees the old file or the new one, never an empty,
-partial or mixed one.
+Layout
+------
+Each account's files are published together, as one version, the way Kubernetes
+publishes ConfigMap and Secret volumes (its AtomicWriter)::
+
+    ACCOUNT/
+      ..20250101T120000.3f1c9a0e5b7d2c44.k2x9_a/   one version: token, token.json, outputs
+      ..data -> ..20250101T120000.3f1c9a0e5b7d2c44.k2x9_a
+      token -> ..data/token
+      token.json -> ..data/token.json
+      auth-header -> ..data/auth-header             (an output, if configured)
+
+A new version is written into a fresh directory (every file created with its final
+mode and owner before its first byte, then fsynced; then the directory is fsynced),
+and published by renaming a new ``..data`` symlink over the old one, which is atomic;
+the account directory is fsynced after the swap. Why a versioned directory rather
+than renaming each file into place: a reader that opens ``token`` and then
+``token.json`` could otherwise see the new token in one and the old in the other. With
+one symlink swap, every path resolved at one moment names one version.
+
+What a reader can rely on:
+
+* any one file is the old version or the new one, never empty, partial or mixed;
+* to read several files as one version, resolve ``ACCOUNT/..data`` once (``realpath``)
+  and read them all from the directory it names; if one of them has vanished
+  (``ENOENT``: two newer versions were published meanwhile), resolve again. Or read
+  ``token.json`` alone: it carries the token too;
+* the version a swap replaces is kept until the next swap, so a reader that resolved
+  ``..data`` just before a swap still finds its files; older versions are removed.
+
+Kubernetes ``subPath`` mounts of these files never see an update: they bind the
+file's inode at mount time. Mount the directory.
+
+The version directory's name carries a fingerprint of what it holds (a hash of the
+token and of the modes, owner and templates it was written with), so a restart that
+republishes every restored token rewrites nothing that is already on disk: one
+``readlink`` per account instead of a few fsyncs. After the first publish of an account,
+the fingerprint of what was last written is kept in memory. So ``expires_in`` is as of
+the write that made the version: applications should go by ``expires_at``.
+
+Expiry
+------
+When tokend knows an account's published token has expired and nothing replaced it,
+:meth:`TokenFiles.expire` publishes an *expired version*: ``token.json`` becomes
+``{"access_token": null, "expired": true, ...}`` (with the old ``token_type``,
+``expires_at`` and ``scope``, and ``expires_in`` 0), and ``token`` and every output
+are absent (their symlinks dangle, so opening them fails with ``ENOENT``). An
+application then fails with "no such file" - an error that says what is wrong and
+that file-watching health checks notice - rather than sending an expired token and
+puzzling over 401s; an empty file would be read as an empty token and sent as
+``Authorization: Bearer``. The next publish restores every file, in one swap.
+
+Templates
+---------
+Outputs are rendered from templates such as ``"Authorization: Bearer {access_token}"``
+with the placeholders ``{access_token}``, ``{token_type}``, ``{expires_at}``,
+``{expires_in}``, ``{scope}`` (empty without one) and ``{account}`` only; ``{{`` and
+``}}`` are literal braces. Attribute and index access, conversions and format specs are
+rejected when the publisher is built, and rendering never calls ``str.format``.
 """
 
 from __future__ import annotations
 
+import grp
+import hashlib
 import os
+import pwd
+import re
 import secrets
 import shutil
+import stat
+import string
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import anyio
 import orjson
 
+from tokend.clock import Clock, SystemClock
+from tokend.config import OutputConfig
 from tokend.logs import get_logger
 from tokend.model import TokenSet
 
+__all__ = [
+    "PLACEHOLDERS",
+    "Template",
+    "TokenFiles",
+    "fsync_dir",
+    "token_json",
+    "write_atomic",
+]
+
 _log = get_logger(component="token_files")
+_T = TypeVar("_T")
+
+PLACEHOLDERS = ("access_token", "token_type", "expires_at", "expires_in", "scope", "account")
+_PLACEHOLDER_SET = frozenset(PLACEHOLDERS)
+
+TOKEN = "token"
+TOKEN_JSON = "token.json"
+DATA = "..data"
+_DATA_TMP = "..data_tmp"
+# ..STAMP.FINGERPRINT.RANDOM, the RANDOM part from tempfile (letters, digits, "_").
+_VERSION = re.compile(r"\.\.\d{8}T\d{6}\.([0-9a-f]{16})\.[A-Za-z0-9_]+")
+# Accounts share these locks by hash: bounded memory at 100,000 accounts, and with
+# far more stripes than worker threads two accounts rarely wait for each other.
+_LOCK_STRIPES = 1024
+# How long a scan of the token directory may stand in for looking at an account's
+# files: long enough for a restart's republishing, short enough that files changed by
+# hand later are looked at again.
+_SCAN_VALID_FOR = 120.0
 
 
-def write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Replace ``path`` with ``data`` atomically and durably (blocking; run in a thread)."""
-    directory = path.parent
-    tmp = directory / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+# -- writing one file ------------------------------------------------------------------
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _create_file(path: Path, data: bytes, mode: int, uid: int = -1, gid: int = -1) -> None:
+    """Create ``path`` (which must not exist) holding ``data``, durably.
+
+    The mode and owner are set before the first byte is written, so the file is never
+    readable by anyone its final mode would not let read it."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(path, flags, mode)
     try:
         # O_CREAT's mode is filtered by the umask; set the exact mode explicitly.
         os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
+        if uid != -1 or gid != -1:
+            os.fchown(fd, uid, gid)
+        _write_all(fd, data)
         os.fsync(fd)
-    except BaseException:
+    finally:
         os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, mode: int, uid: int = -1, gid: int = -1) -> None:
+    """Replace the single file ``path`` with ``data`` atomically and durably (blocking;
+    run it in a thread). ``uid``/``gid`` of -1 leave the owner/group as created."""
+    directory = path.parent
+    tmp = directory / f".{path.name}.{secrets.token_hex(6)}.tmp"
     try:
+        _create_file(tmp, data, mode, uid, gid)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -68,39 +180,511 @@ def token_json(token: TokenSet, now: float) -> bytes:
     )
 
 
-class TokenFiles:
-    """Publishes each account's token as files under ``root``."""
+# -- templates -------------------------------------------------------------------------
 
-    def __init__(self, root: Path, mode: int = 0o640) -> None:
+
+class Template:
+    """An output template, checked once: literal text and known placeholders only."""
+
+    __slots__ = ("_parts", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        parts: list[tuple[str, str | None]] = []
+        try:
+            parsed = list(string.Formatter().parse(text))
+        except ValueError as exc:
+            raise ValueError(f"{exc} (write {{{{ and }}}} for literal braces)") from None
+        for literal, field, spec, conversion in parsed:
+            if field is None:
+                parts.append((literal, None))
+                continue
+            shown = (
+                "{"
+                + field
+                + (f"!{conversion}" if conversion else "")
+                + (f":{spec}" if spec else "")
+                + "}"
+            )
+            if field not in _PLACEHOLDER_SET:
+                raise ValueError(
+                    f"placeholder {shown} is not allowed: use "
+                    + ", ".join("{" + name + "}" for name in PLACEHOLDERS)
+                    + " (no attribute or index access)"
+                )
+            if conversion is not None or spec:
+                raise ValueError(
+                    f"placeholder {shown}: conversions and format specs are not allowed"
+                )
+            parts.append((literal, field))
+        self._parts = tuple(parts)
+
+    def render(self, values: Mapping[str, str]) -> str:
+        # Built by concatenation, never str.format: nothing in a template is evaluated.
+        return "".join(
+            literal + (values[field] if field is not None else "") for literal, field in self._parts
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Output:
+    file: str
+    template: Template
+    mode: int
+
+
+def _check_output_name(name: str) -> None:
+    if name in (TOKEN, TOKEN_JSON) or name.startswith("..") or "/" in name or name in ("", "."):
+        raise ValueError(
+            f"output file name {name!r} is reserved or not a plain file name "
+            "(not token, token.json, or starting with '..')"
+        )
+
+
+# -- owner and group -------------------------------------------------------------------
+
+
+def _resolve_id(value: str | int | None, what: str, setting: str) -> int:
+    """A uid or gid from a name or number; -1 (leave as is) for None."""
+    if value is None:
+        return -1
+    if isinstance(value, bool):
+        raise ValueError(f"{setting}: expected a {what} name or number, not {value!r}")
+    if isinstance(value, int) or (value.isascii() and value.isdigit()):
+        number = int(value)
+        if number < 0:
+            raise ValueError(f"{setting}: {what} id cannot be negative")
+        return number
+    try:
+        if what == "user":
+            return pwd.getpwnam(value).pw_uid
+        return grp.getgrnam(value).gr_gid
+    except KeyError:
+        raise ValueError(f"{setting}: unknown {what} {value!r}") from None
+
+
+# -- what was last written -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Written:
+    """What an account's files show, as far as this process knows."""
+
+    fingerprint: str
+    # Expiry of the token the files show; None when they show the expired marker.
+    expires_at: float | None
+
+
+def _current_version(account_dir: Path) -> str | None:
+    try:
+        return os.readlink(account_dir / DATA)
+    except OSError:
+        return None
+
+
+def _version_fingerprint(version: str | None) -> str | None:
+    match = _VERSION.fullmatch(version) if version else None
+    return match.group(1) if match else None
+
+
+class TokenFiles:
+    """Publishes each account's token as files under ``root`` (see the module doc).
+
+    ``mode`` applies to ``token``, ``token.json`` and outputs without a mode of their
+    own; ``owner`` and ``group`` (names or numbers, None: the daemon's) apply to every
+    file and directory tokend creates for an account. ``outputs`` maps account names to
+    their extra files. Raises ValueError for an unknown user or group, or an output
+    whose template or name is not allowed.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        mode: int = 0o640,
+        *,
+        owner: str | int | None = None,
+        group: str | int | None = None,
+        outputs: Mapping[str, Sequence[OutputConfig]] | None = None,
+        clock: Clock | None = None,
+    ) -> None:
         self.root = root
         self.mode = mode
-        # Directories hold tokens too: nobody but the owner and group may list them.
-        self.dir_mode = 0o750 | (0o005 if mode & 0o004 else 0)
+        self.uid = _resolve_id(owner, "user", "serve.token_file_owner")
+        self.gid = _resolve_id(group, "group", "serve.token_file_group")
+        self.clock: Clock = clock or SystemClock()
+        self._outputs: dict[str, tuple[_Output, ...]] = {}
+        for account, configured in (outputs or {}).items():
+            compiled = []
+            for output in configured:
+                try:
+                    _check_output_name(output.file)
+                    template = Template(output.template)
+                except ValueError as exc:
+                    raise ValueError(
+                        f"account {account!r}, output {output.file!r}: {exc}"
+                    ) from None
+                mode_ = self.mode if output.mode is None else output.mode
+                compiled.append(_Output(output.file, template, mode_))
+            if compiled:
+                self._outputs[account] = tuple(compiled)
+        self._written: dict[str, _Written] = {}
+        self._locks: list[anyio.Lock] = []
+        # Fingerprints of the versions found on disk by one scan (see _scanned).
+        self._scan: dict[str, str] = {}
+        self._scanned_at: float | None = None
+        self._scan_lock: anyio.Lock | None = None
 
-    def _account_dir(self, account: str) -> Path:
-        directory = self.root / account
-        directory.mkdir(parents=True, exist_ok=True, mode=self.dir_mode)
-        return directory
+    # -- shape of an account's files --------------------------------------------------
 
-    def _write(self, account: str, token: TokenSet, now: float) -> None:
-        directory = self._account_dir(account)
-        write_atomic(directory / "token.json", token_json(token, now), self.mode)
-        write_atomic(directory / "token", token.access_token.encode(), self.mode)
+    def _dir_mode(self, account: str) -> int:
+        # Directories hold tokens too: owner and group only, unless some file is
+        # meant for everyone.
+        modes = [self.mode, *(o.mode for o in self._outputs.get(account, ()))]
+        return 0o750 | (0o005 if any(m & 0o004 for m in modes) else 0)
+
+    def _link_names(self, account: str) -> list[str]:
+        return [TOKEN, TOKEN_JSON, *(o.file for o in self._outputs.get(account, ()))]
+
+    def _fingerprint(self, account: str, *fields: object) -> str:
+        """A short hash of what an account's files would hold: ``fields`` (the token's)
+        and everything else that shapes the files (modes, owner, templates)."""
+        outputs = [[o.file, o.template.text, o.mode] for o in self._outputs.get(account, ())]
+        material = [*fields, self.mode, self.uid, self.gid, outputs]
+        return hashlib.sha256(orjson.dumps(material)).hexdigest()[:16]
+
+    def _token_fingerprint(self, account: str, token: TokenSet) -> str:
+        return self._fingerprint(
+            account,
+            "token",
+            token.access_token,
+            token.token_type,
+            int(token.expires_at),
+            token.scope,
+        )
+
+    def _lock(self, account: str) -> anyio.Lock:
+        if not self._locks:
+            # Created on first use: anyio locks belong to the running event loop.
+            self._locks = [anyio.Lock() for _ in range(_LOCK_STRIPES)]
+            self._scan_lock = anyio.Lock()
+        return self._locks[hash(account) % _LOCK_STRIPES]
+
+    def _forget(self, account: str) -> None:
+        """What is on disk for ``account`` is unknown: look at it again next time."""
+        self._written.pop(account, None)
+        self._scan.pop(account, None)
+
+    def _chown(self, path: Path) -> None:
+        if self.uid != -1 or self.gid != -1:
+            os.chown(path, self.uid, self.gid, follow_symlinks=False)
+
+    # -- publishing ---------------------------------------------------------------------
 
     async def publish(self, account: str, token: TokenSet) -> None:
-        import time
-
-        try:
-            await anyio.to_thread.run_sync(self._write, account, token, time.time())
-        except OSError as exc:
-            _log.error(
-                "token_file_write_failed",
-                account=account,
-                path=str(self.root / account),
-                error=f"{exc.strerror or exc}",
+        fingerprint = self._token_fingerprint(account, token)
+        async with self._lock(account):
+            known = self._written.get(account)
+            if known is not None and known.fingerprint == fingerprint:
+                return
+            if known is None and await self._scanned(account) == fingerprint:
+                self._written[account] = _Written(fingerprint, token.expires_at)
+                return
+            files = self._render(account, token, self.clock.time())
+            written = _Written(fingerprint, token.expires_at)
+            ok, _ = await self._run(
+                "token_file_write_failed", account, self._swap_in, account, written, files, known
             )
+            if ok:
+                self._written[account] = written
+
+    async def expire(self, account: str, now: float | None = None) -> bool:
+        """Replace ``account``'s files with the expired version (see the module doc) if
+        the token they show has expired by ``now`` (default: the clock's time).
+
+        Returns True when the files now show the expired version and did not before.
+        Does nothing, and returns False, when they show a token still valid at ``now``
+        (one published after the caller decided to expire), already show the expired
+        version, or do not exist. Never raises for I/O errors (they are logged)."""
+        if now is None:
+            now = self.clock.time()
+        async with self._lock(account):
+            self._scan.pop(account, None)
+            known = self._written.get(account)
+            if known is not None and (known.expires_at is None or known.expires_at > now):
+                return False
+            ok, result = await self._run(
+                "token_file_expire_failed", account, self._expire_sync, account, now, known
+            )
+            if not ok or result is None:
+                return False
+            changed, written = result
+            self._written[account] = written
+            return bool(changed)
 
     async def withdraw(self, account: str) -> None:
-        await anyio.to_thread.run_sync(
-            lambda: shutil.rmtree(self.root / account, ignore_errors=True)
+        async with self._lock(account):
+            self._forget(account)
+            await self._run("token_file_withdraw_failed", account, self._withdraw_sync, account)
+
+    async def _run(
+        self, event: str, account: str, func: Callable[..., _T], *args: object
+    ) -> tuple[bool, _T | None]:
+        """Run ``func`` in a worker thread; log, never raise, when it fails."""
+        try:
+            return True, await anyio.to_thread.run_sync(func, *args)
+        except OSError as exc:
+            # What is on disk is now uncertain: the next publish looks at it again.
+            self._forget(account)
+            _log.error(
+                event,
+                account=account,
+                path=str(exc.filename or self.root / account),
+                error=exc.strerror or str(exc),
+            )
+        except Exception:
+            self._forget(account)
+            _log.exception(event, account=account)
+        return False, None
+
+    async def _scanned(self, account: str) -> str | None:
+        """The fingerprint of ``account``'s version on disk, if a scan found its files
+        complete and as configured. At a restart every restored token is republished:
+        one pass over the token directory, in one worker thread, answers for every
+        account, instead of a thread hop and a few syscalls each. Used once per account."""
+        if self._scanned_at is None:
+            assert self._scan_lock is not None
+            async with self._scan_lock:
+                if self._scanned_at is None:
+                    try:
+                        self._scan = await anyio.to_thread.run_sync(self._scan_disk)
+                    except OSError as exc:
+                        # Not fatal: each account's files are looked at one by one.
+                        _log.warning(
+                            "token_dir_scan_failed",
+                            path=str(self.root),
+                            error=exc.strerror or str(exc),
+                        )
+                    self._scanned_at = self.clock.monotonic()
+        elif self._scan and self.clock.monotonic() - self._scanned_at > _SCAN_VALID_FOR:
+            self._scan.clear()
+        return self._scan.pop(account, None)
+
+    def _render(self, account: str, token: TokenSet, now: float) -> list[tuple[str, bytes, int]]:
+        files = [
+            (TOKEN_JSON, token_json(token, now), self.mode),
+            (TOKEN, token.access_token.encode(), self.mode),
+        ]
+        outputs = self._outputs.get(account, ())
+        if outputs:
+            values = {
+                "access_token": token.access_token,
+                "token_type": token.token_type,
+                "expires_at": str(int(token.expires_at)),
+                "expires_in": str(max(0, int(token.expires_at - now))),
+                "scope": token.scope or "",
+                "account": account,
+            }
+            for output in outputs:
+                files.append((output.file, output.template.render(values).encode(), output.mode))
+        return files
+
+    # -- blocking parts, in worker threads (the caller holds the account's lock) ----------
+
+    def _swap_in(
+        self,
+        account: str,
+        written: _Written,
+        files: Sequence[tuple[str, bytes, int]],
+        known: _Written | None,
+    ) -> None:
+        """Publish ``files`` as the account's new version, unless (on the first write
+        in this process, ``known`` None) the version on disk already holds them."""
+        account_dir = self.root / account
+        first = known is None
+        if first:
+            self._prepare_account_dir(account, account_dir)
+        previous = _current_version(account_dir)
+        if first and _version_fingerprint(previous) == written.fingerprint:
+            if self._ensure_links(account, account_dir):
+                fsync_dir(account_dir)
+            return
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(self.clock.time()))
+        version = Path(
+            tempfile.mkdtemp(prefix=f"..{stamp}.{written.fingerprint}.", dir=account_dir)
         )
+        try:
+            for name, data, mode in files:
+                _create_file(version / name, data, mode, self.uid, self.gid)
+            # mkdtemp made it 0700; readers need the same access as to the account dir.
+            os.chmod(version, self._dir_mode(account))
+            self._chown(version)
+            fsync_dir(version)
+            link = account_dir / _DATA_TMP
+            try:
+                os.symlink(version.name, link)
+            except FileExistsError:
+                # Left over by a write that died before its rename.
+                link.unlink()
+                os.symlink(version.name, link)
+            self._chown(link)
+            os.replace(link, account_dir / DATA)
+        except BaseException:
+            shutil.rmtree(version, ignore_errors=True)
+            raise
+        if first:
+            self._ensure_links(account, account_dir)
+        # One fsync covers the swap and any links made just above.
+        fsync_dir(account_dir)
+        self._remove_old_versions(account_dir, keep={version.name, previous})
+
+    def _scan_disk(self) -> dict[str, str]:
+        found: dict[str, str] = {}
+        try:
+            entries = os.scandir(self.root)
+        except FileNotFoundError:
+            return found
+        with entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    fingerprint = self._complete_version(entry.name, Path(entry.path))
+                    if fingerprint is not None:
+                        found[entry.name] = fingerprint
+        return found
+
+    def _complete_version(self, account: str, account_dir: Path) -> str | None:
+        """The fingerprint of the version ``account_dir`` shows, if its directory has
+        the mode and owner configured and every file's link is in place."""
+        try:
+            st = os.stat(account_dir)
+            if stat.S_IMODE(st.st_mode) != self._dir_mode(account):
+                return None
+            if (self.uid != -1 and st.st_uid != self.uid) or (
+                self.gid != -1 and st.st_gid != self.gid
+            ):
+                return None
+            fingerprint = _version_fingerprint(_current_version(account_dir))
+            for name in self._link_names(account) if fingerprint else ():
+                if os.readlink(account_dir / name) != f"{DATA}/{name}":
+                    return None
+        except OSError:
+            return None
+        return fingerprint
+
+    def _prepare_account_dir(self, account: str, account_dir: Path) -> None:
+        dir_mode = self._dir_mode(account)
+        try:
+            os.mkdir(account_dir, dir_mode)
+        except FileNotFoundError:
+            self._make_root(dir_mode)
+            os.mkdir(account_dir, dir_mode)
+        except FileExistsError:
+            pass
+        else:
+            # A new directory entry is durable once its parent is fsynced.
+            fsync_dir(self.root)
+        # Also fixes a directory made by an older layout or with another mode/owner;
+        # looked at first, since a restart finds nearly every directory already right.
+        st = os.stat(account_dir)
+        if stat.S_IMODE(st.st_mode) != dir_mode:
+            os.chmod(account_dir, dir_mode)
+        if (self.uid != -1 and st.st_uid != self.uid) or (self.gid != -1 and st.st_gid != self.gid):
+            self._chown(account_dir)
+
+    def _make_root(self, dir_mode: int) -> None:
+        existed = self.root.exists()
+        self.root.mkdir(parents=True, exist_ok=True, mode=dir_mode)
+        if not existed:
+            # Only a root made here is ours to hand to the token files' owner/group.
+            os.chmod(self.root, dir_mode)
+            self._chown(self.root)
+            fsync_dir(self.root.parent)
+
+    def _ensure_links(self, account: str, account_dir: Path) -> bool:
+        """Make ``NAME -> ..data/NAME`` for every file of the account, replacing plain
+        files of an older layout atomically, and drop links to outputs no longer
+        configured. Returns whether anything changed."""
+        changed = False
+        names = self._link_names(account)
+        for name in names:
+            path = account_dir / name
+            target = f"{DATA}/{name}"
+            try:
+                if os.readlink(path) == target:
+                    continue
+            except OSError:
+                pass  # missing, or a plain file (EINVAL)
+            tmp = account_dir / f"..link_tmp.{name}"
+            tmp.unlink(missing_ok=True)
+            os.symlink(target, tmp)
+            self._chown(tmp)
+            os.replace(tmp, path)
+            changed = True
+        with os.scandir(account_dir) as entries:
+            for entry in entries:
+                if entry.name.startswith("..") or entry.name in names or not entry.is_symlink():
+                    continue
+                if os.readlink(entry.path).startswith(f"{DATA}/"):
+                    os.unlink(entry.path)
+                    changed = True
+        return changed
+
+    def _remove_old_versions(self, account_dir: Path, keep: set[str | None]) -> None:
+        with os.scandir(account_dir) as entries:
+            stale = [
+                entry.path
+                for entry in entries
+                if entry.name.startswith("..")
+                and entry.name not in keep
+                and entry.is_dir(follow_symlinks=False)
+            ]
+        for path in stale:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def _expire_sync(
+        self, account: str, now: float, known: _Written | None
+    ) -> tuple[bool, _Written] | None:
+        """Publish the expired version; None when there are no files, or when files
+        left by an earlier process still show a valid token."""
+        account_dir = self.root / account
+        try:
+            document = orjson.loads((account_dir / TOKEN_JSON).read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, orjson.JSONDecodeError):
+            # Unreadable: whatever it holds must not go on looking valid.
+            document = {}
+        if not isinstance(document, dict):
+            document = {}
+        if document.get("expired") is True:
+            current = _version_fingerprint(_current_version(account_dir)) or ""
+            return False, _Written(current, None)
+        expires_at = document.get("expires_at")
+        if not isinstance(expires_at, int | float) or isinstance(expires_at, bool):
+            expires_at = None
+        if expires_at is not None and expires_at > now:
+            return None
+        token_type, scope = document.get("token_type"), document.get("scope")
+        marker = {
+            "access_token": None,
+            "token_type": token_type,
+            "expires_at": expires_at,
+            "expires_in": 0,
+            "scope": scope,
+            "expired": True,
+        }
+        written = _Written(
+            self._fingerprint(account, "expired", token_type, expires_at, scope), None
+        )
+        self._swap_in(account, written, [(TOKEN_JSON, orjson.dumps(marker), self.mode)], known)
+        return True, written
+
+    def _withdraw_sync(self, account: str) -> None:
+        account_dir = self.root / account
+        if not account_dir.exists():
+            return
+        # Out of the namespace in one rename, so nobody sees a half-deleted account;
+        # "~" cannot occur in account names, so this cannot hit another account.
+        doomed = self.root / f"{account}~withdrawn~{secrets.token_hex(4)}"
+        os.rename(account_dir, doomed)
+        fsync_dir(self.root)
+        shutil.rmtree(doomed)
