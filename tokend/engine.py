@@ -58,6 +58,7 @@ from tokend.policy import (
     retry_delay,
 )
 from tokend.publish import Publisher
+from tokend.publish._base import ExpiringPublisher
 from tokend.schedule import RefreshSchedule
 from tokend.store import Store, StoreConflict, StoreError
 
@@ -197,6 +198,9 @@ class Engine:
         self._forced: set[str] = set()
         self._stop = anyio.Event()
         self.schedule = RefreshSchedule(self._on_due, self.clock)
+        # When each published token expires: an expired token must not look valid.
+        self.expiries = RefreshSchedule(self._on_expired, self.clock, job_id="tokend-expiry")
+        self._expired_send, self._expired_recv = anyio.create_memory_object_stream[str](math.inf)
         self._loaded = False
 
     # -- start: load the store, reconcile seeds, serve what is still valid -------------
@@ -299,9 +303,11 @@ class Engine:
         await self.load()
         self._schedule_start()
         self.schedule.start(asyncio.get_running_loop())
+        self.expiries.start(asyncio.get_running_loop())
         try:
             async with anyio.create_task_group() as outer:
                 outer.start_soon(self._watch_clock)
+                outer.start_soon(self._expire_loop)
                 async with anyio.create_task_group() as refreshes:
                     refreshes.start_soon(self._dispatch, refreshes)
                     refreshes.start_soon(self._publish_restored)
@@ -316,6 +322,7 @@ class Engine:
                 outer.cancel_scope.cancel()
         finally:
             self.schedule.shutdown()
+            self.expiries.shutdown()
         unsaved = [a.name for a in self.accounts.values() if a.unsaved is not None]
         if unsaved:
             _log.critical(
@@ -503,6 +510,7 @@ class Engine:
             async with removed.lock:
                 del self.accounts[name]
                 self._unschedule(name)
+                self.expiries.remove(name)
                 for publisher in self.publishers:
                     await publisher.withdraw(name)
             _log.info("account_removed", account=name)
@@ -865,8 +873,34 @@ class Engine:
 
     async def _publish(self, account: Account, token: TokenSet) -> None:
         account.published = token
+        self.expiries.set(account.name, token.expires_at)
         for publisher in self.publishers:
             await publisher.publish(account.name, token)
+
+    def _on_expired(self, names: list[str]) -> None:
+        for name in names:
+            self._expired_send.send_nowait(name)
+
+    async def _expire_loop(self) -> None:
+        async for name in self._expired_recv:
+            account = self.accounts.get(name)
+            if account is None or account.published is None:
+                continue
+            async with account.lock:
+                now = self.clock.time()
+                if account.published.is_valid(now):
+                    continue  # replaced meanwhile
+                _log.warning(
+                    "token_expired",
+                    account=name,
+                    provider=account.provider,
+                    state=account.state.value,
+                    error=account.last_error,
+                    detail="no valid token for this account until a refresh succeeds",
+                )
+                for publisher in self.publishers:
+                    if isinstance(publisher, ExpiringPublisher):
+                        await publisher.expire(name, now)
 
     async def _on_failure(
         self,

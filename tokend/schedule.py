@@ -29,8 +29,11 @@ _COMPACT_SLACK = 1024
 class RefreshSchedule:
     """Due times by account name; calls ``on_due(names)`` when some come due."""
 
-    def __init__(self, on_due: Callable[[list[str]], None], clock: Clock) -> None:
+    def __init__(
+        self, on_due: Callable[[list[str]], None], clock: Clock, job_id: str = _WAKE_JOB
+    ) -> None:
         self._on_due = on_due
+        self._job_id = job_id
         self._clock = clock
         self._due: dict[str, float] = {}
         # (due time, tie-breaker, name); an entry is live while _due[name] == due time.
@@ -102,8 +105,8 @@ class RefreshSchedule:
             return
         at = self._earliest()
         if at is None:
-            if scheduler.get_job(_WAKE_JOB) is not None:
-                scheduler.remove_job(_WAKE_JOB)
+            if scheduler.get_job(self._job_id) is not None:
+                scheduler.remove_job(self._job_id)
             self._armed_for = None
             return
         if at == self._armed_for:
@@ -113,7 +116,7 @@ class RefreshSchedule:
             self._fire,
             trigger="date",
             run_date=datetime.fromtimestamp(at, tz=UTC),
-            id=_WAKE_JOB,
+            id=self._job_id,
             replace_existing=True,
         )
 

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from tokend.model import TokenSet
 
@@ -15,4 +15,14 @@ class Publisher(Protocol):
 
     async def withdraw(self, account: str) -> None:
         """``account`` is gone (removed from config): stop handing out its token."""
+        ...
+
+
+@runtime_checkable
+class ExpiringPublisher(Publisher, Protocol):
+    """A publisher that must act when a token expires with no replacement, so an
+    expired token is never left looking valid (a file an application keeps reading)."""
+
+    async def expire(self, account: str, now: float | None = None) -> bool:
+        """``account``'s published token has expired; True if anything changed."""
         ...
