@@ -18,6 +18,7 @@ behind a concurrency cap. Nothing is fire-and-forget.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import random
 import uuid
@@ -30,8 +31,15 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from tokend._gc import paused_gc
 from tokend.clock import Clock, SystemClock
-from tokend.config import AccountConfig, Config, ProviderConfig, read_secret_file
+from tokend.config import (
+    AccountConfig,
+    Config,
+    ProviderConfig,
+    RefreshPolicyConfig,
+    read_secret_file,
+)
 from tokend.logs import get_logger, register_secret
 from tokend.model import AccountState, StoredAccount, TokenSet, fingerprint
 from tokend.oauth import FailureKind, Outcome, ProviderClient, TokenFailure, TokenResponse
@@ -95,9 +103,29 @@ class Account:
     commit_failures: int = 0
     # When an application last asked for a refresh ahead of schedule.
     force_requested_at: float | None = None
-    lock: anyio.Lock = field(default_factory=anyio.Lock)
-    # Set (and replaced) whenever a refresh attempt ends: waiters watch it.
-    settled: anyio.Event = field(default_factory=anyio.Event)
+    # Created on first use: 100,000 accounts need not pay for 200,000 sync primitives
+    # at start (each costs an async-library lookup).
+    _lock: anyio.Lock | None = field(default=None, repr=False)
+    _settled: anyio.Event | None = field(default=None, repr=False)
+
+    @property
+    def lock(self) -> anyio.Lock:
+        """Held while the account refreshes: at most one refresh in flight, ever."""
+        if self._lock is None:
+            self._lock = anyio.Lock()
+        return self._lock
+
+    @property
+    def settled(self) -> anyio.Event:
+        """Set (then replaced) whenever a refresh attempt ends: waiters watch it."""
+        if self._settled is None:
+            self._settled = anyio.Event()
+        return self._settled
+
+    def mark_settled(self) -> None:
+        if self._settled is not None:
+            self._settled.set()
+            self._settled = None
 
     @property
     def provider(self) -> str:
@@ -209,16 +237,17 @@ class Engine:
         """Load stored state and reconcile it with the configured seeds."""
         if self._loaded:
             return
-        stored = await self.store.load_all()
-        now = self.clock.time()
-        for name, aconf in self.config.accounts.items():
-            account = await self._reconcile(name, aconf, stored.get(name), now)
-            self.accounts[name] = account
+        with paused_gc():
+            stored = await self.store.load_all()
+            now = self.clock.time()
+            for name, aconf in self.config.accounts.items():
+                account = await self._reconcile(name, aconf, stored.get(name), now)
+                self.accounts[name] = account
         self._loaded = True
 
     def _timing_for(self, aconf: AccountConfig) -> RefreshTiming:
         pconf = self.config.providers[aconf.provider]
-        return RefreshTiming.resolve(self.config.refresh, pconf.refresh, aconf.refresh)
+        return _resolve_timing(self.config.refresh, pconf.refresh, aconf.refresh)
 
     async def _reconcile(
         self, name: str, aconf: AccountConfig, stored: StoredAccount | None, now: float
@@ -616,8 +645,7 @@ class Engine:
             try:
                 await self._refresh_locked(account, forced=forced)
             finally:
-                account.settled.set()
-                account.settled = anyio.Event()
+                account.mark_settled()
 
     async def _refresh_locked(self, account: Account, *, forced: bool) -> None:
         now = self.clock.time()
@@ -969,6 +997,12 @@ class Engine:
             next_attempt_at=_iso(decision.next_attempt_at) if decision.next_attempt_at else None,
         )
         return bool(decision.retry_same_token_now)
+
+
+@functools.lru_cache(maxsize=1024)
+def _resolve_timing(*layers: RefreshPolicyConfig) -> RefreshTiming:
+    # Most accounts share their layers: resolve each distinct combination once.
+    return RefreshTiming.resolve(*layers)
 
 
 def _refreshed_since(account: Account, since: float | None) -> bool:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import difflib
-import gc
 import json
 import os
 import re
@@ -28,6 +27,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from tokend._gc import paused_gc
 from tokend.config._schema import (
     AccountConfig,
     Config,
@@ -151,19 +151,13 @@ def load_config(path: Path, *, environ: Mapping[str, str] | None = None) -> Conf
         issue = ConfigIssue(path, None, None, "", f"cannot read config file: {_os_reason(exc)}")
         raise ConfigError([issue]) from None
     loader = _FileLoader(path, env)
-    # Loading builds millions of short-lived, acyclic objects for a large config
-    # (100,000 accounts); the cyclic collector's repeated full passes over them cost
-    # more than the parsing itself (4.6 s of 6 s), and they free nothing.
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
+    # A large config (100,000 accounts) builds millions of objects; the collector's
+    # repeated full passes over them cost more than the parsing itself (4.6 s of 6 s).
+    with paused_gc():
         config = loader.load(raw)
         if loader.issues or config is None:
             raise ConfigError(sorted(loader.issues, key=lambda i: (i.line or 0, i.column or 0)))
         return _resolve_paths(config, _config_dir(path))
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def read_secret_file(path: Path) -> str:
