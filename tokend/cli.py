@@ -48,6 +48,34 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return anyio.run(daemon.run)
 
 
+def _cmd_token(args: argparse.Namespace) -> int:
+    from tokend.client import token_command
+
+    return token_command(
+        args.account,
+        socket_arg=args.socket,
+        config_arg=args.config,
+        min_valid=args.min_valid,
+        as_json=args.json,
+    )
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from tokend.client import status_command
+
+    return status_command(socket_arg=args.socket, config_arg=args.config)
+
+
+def _seconds_arg(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected a number of seconds") from None
+    if not 0 <= seconds < 1e9:
+        raise argparse.ArgumentTypeError("expected a number of seconds, 0 or more")
+    return seconds
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tokend",
@@ -76,6 +104,39 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate a config file and exit")
     add_config_arg(check)
     check.set_defaults(func=_cmd_check)
+
+    def add_socket_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--socket",
+            metavar="PATH",
+            help="tokend's socket (default: serve.socket of the config file if one is "
+            "given or found, else $TOKEND_SOCKET, else ./run/tokend.sock)",
+        )
+        add_config_arg(p)
+
+    token = commands.add_parser(
+        "token",
+        help="print an account's access token (exit 1 if unavailable, 2 if unknown)",
+    )
+    token.add_argument("account", metavar="ACCOUNT")
+    add_socket_args(token)
+    token.add_argument(
+        "--min-valid",
+        type=_seconds_arg,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait (bounded) for a token valid at least this much longer (default 0)",
+    )
+    token.add_argument(
+        "--json",
+        action="store_true",
+        help="print access_token, token_type, expires_at, expires_in and scope as JSON",
+    )
+    token.set_defaults(func=_cmd_token)
+
+    status = commands.add_parser("status", help="show every account's state")
+    add_socket_args(status)
+    status.set_defaults(func=_cmd_status)
     return parser
 
 

@@ -1,0 +1,439 @@
+"""The HTTP API's routes.
+
+On the unix socket::
+
+    GET  /v1/tokens/{account}[?min_valid=N]
+        200 {"access_token", "token_type", "expires_at", "expires_in", "scope"}
+        (expires_at unix seconds; expires_in whole seconds left), or the raw token
+        with "Accept: text/plain". Without min_valid the answer is immediate: the
+        token, or 503 if tokend holds no valid one. With min_valid (seconds, 0 or
+        more) and no token valid that much longer, tokend refreshes (rate limited,
+        see Api) and waits up to serve.request_wait_max; 503 if it still has none.
+    POST /v1/tokens/{account}/refresh
+        The application got a 401 before expiry: refresh now. 200 with the new token
+        (as above), 503 {"error": "refresh_failed", ...} if none came, 429 with
+        Retry-After within serve.force_refresh_interval of the last refresh an
+        application caused (the token tokend holds is then likely the new one).
+    GET  /v1/accounts
+        200 {"accounts": [{"name", "provider", "state", "required", "token_valid",
+        "expires_at", "last_refresh_at", "next_refresh_at", "last_error"}]}, sorted by
+        name; never a token.
+    GET  /healthz   200 while the process and its event loop answer.
+    GET  /readyz    200 {"ready": true}, or 503 {"ready": false, "not_ready": [...]}
+                    while a required account holds no valid token.
+    GET  /metrics   the Prometheus exposition (gzip if Accept-Encoding allows it).
+
+Errors are JSON: 404 {"error": "unknown_account"} or {"error": "not_found"}, 403
+{"error": "forbidden"} (the account's allow: list names neither the peer's uid nor
+its gid), 503 {"error": "token_unavailable", "state", "last_error"}, 400
+{"error": "bad_request", "detail"}, 405 with Allow. The connection layer adds 408,
+413, 431 and 503 {"error": "overloaded"} (see _http). A token that is not valid is
+never handed out, and no error body ever carries a token.
+
+The TCP port serves /healthz, /readyz and /metrics only.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
+
+import anyio
+
+from tokend.config import ServeConfig
+from tokend.model import AccountState, TokenSet
+from tokend.publish._http import (
+    TEXT_TYPE,
+    Reply,
+    Request,
+    encode_response,
+    error_response,
+    json_response,
+)
+from tokend.publish._peercred import PeerCred
+
+if TYPE_CHECKING:
+    from tokend.engine import Account, Engine
+    from tokend.publish.metrics import Metrics
+
+_VALID = AccountState.VALID
+_TOKENS_PREFIX = b"/v1/tokens/"
+_REFRESH_SUFFIX = b"/refresh"
+_SECONDS = re.compile(rb"[0-9]{1,9}(?:\.[0-9]{1,6})?")
+
+_NOT_FOUND = error_response(404, "not_found")
+_UNKNOWN_ACCOUNT = error_response(404, "unknown_account")
+_FORBIDDEN = error_response(403, "forbidden")
+_HEALTHY = json_response(200, {"status": "ok"})
+_READY = json_response(200, {"ready": True})
+_ALLOW_GET = b"Allow: GET\r\n"
+_ALLOW_POST = b"Allow: POST\r\n"
+_GET_ONLY = json_response(405, {"error": "method_not_allowed"}, _ALLOW_GET)
+_POST_ONLY = json_response(405, {"error": "method_not_allowed"}, _ALLOW_POST)
+
+
+@dataclass(slots=True)
+class _Gate:
+    """The last refresh an application caused for one account."""
+
+    started: float  # monotonic seconds
+    # Set while that refresh is awaited; later requests join it instead of adding one.
+    done: anyio.Event | None
+
+
+# What a request asks for, decided from the request alone (method, path, query,
+# Accept) once per distinct request head and kept in ``Request.memo``.
+_TOKEN, _REFRESH, _ACCOUNTS, _HEALTHZ, _READYZ, _METRICS, _FIXED = range(7)
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    kind: int
+    route: str  # the route name requests are counted under
+    account: str = ""
+    min_valid: float | None = None
+    as_text: bool = False
+    # _FIXED: the answer does not depend on any state.
+    status: int = 0
+    response: bytes = b""
+
+
+def _fixed(route: str, status: int, response: bytes) -> _Plan:
+    return _Plan(_FIXED, route, status=status, response=response)
+
+
+def _no_count(route: str, status: int) -> None:
+    pass
+
+
+class Api:
+    """Answers requests from the engine's in-memory view.
+
+    Requests an application makes can cause refreshes (``?min_valid`` and
+    ``POST .../refresh``). Per account, at most one such refresh starts per
+    ``serve.force_refresh_interval``; requests arriving while it is in flight wait for
+    it. Within the interval a forced refresh is answered 429 with Retry-After, and a
+    ``min_valid`` the current token cannot meet is answered 503: a client asking for
+    more than the IdP's token lifetime, in a loop, must not turn into one IdP request
+    (and one refresh-token rotation) per call.
+    """
+
+    def __init__(
+        self, engine: Engine, serve: ServeConfig, metrics: Metrics, *, tokens: bool
+    ) -> None:
+        self._engine = engine
+        self._now = engine.clock.time
+        self._monotonic = engine.clock.monotonic
+        self._metrics = metrics
+        self._tokens = tokens
+        self._wait_max = serve.request_wait_max
+        self._force_interval = serve.force_refresh_interval
+        # Only the socket API is counted; the TCP port serves scrapes and probes.
+        self._count: Callable[[str, int], None] = metrics.socket_request if tokens else _no_count
+        self._gates: dict[str, _Gate] = {}
+        # The last token response per account, reused while the same token would be
+        # encoded to the same bytes (JSON: same whole seconds left); see _token_reply.
+        self._json_cache: dict[str, tuple[TokenSet, int, bytes]] = {}
+        self._text_cache: dict[str, tuple[TokenSet, bytes]] = {}
+
+    def count_protocol_error(self, status: int) -> None:
+        """Counts answers the connection layer gives without a route (400, 408, ...)."""
+        self._count("other", status)
+
+    def _reply(self, route: str, status: int, response: bytes) -> bytes:
+        self._count(route, status)
+        return response
+
+    def handle(self, request: Request, peer: PeerCred | None) -> Reply:
+        plan = request.memo
+        if not isinstance(plan, _Plan):
+            plan = request.memo = self._plan(request)
+        kind = plan.kind
+        if kind == _TOKEN:
+            return self._token(plan, peer)
+        if kind == _FIXED:
+            self._count(plan.route, plan.status)
+            return plan.response
+        if kind == _REFRESH:
+            return self._refresh(plan, peer)
+        if kind == _ACCOUNTS:
+            return self._reply("accounts", 200, self._accounts())
+        if kind == _READYZ:
+            return self._readyz()
+        if kind == _METRICS:
+            return self._render_metrics(request.accept_encoding)
+        # Answering at all shows the process and its event loop are alive.
+        return self._reply("healthz", 200, _HEALTHY)
+
+    def _plan(self, request: Request) -> _Plan:
+        path, method = request.path, request.method
+        if self._tokens and path.startswith(_TOKENS_PREFIX):
+            return _token_plan(request, path[len(_TOKENS_PREFIX) :])
+        routes = _TOKEN_ROUTES if self._tokens else _PROBE_ROUTES
+        found = routes.get(path)
+        if found is None:
+            return _fixed("other", 404, _NOT_FOUND)
+        kind, route = found
+        if method != b"GET":
+            return _fixed(route, 405, _GET_ONLY)
+        return _Plan(kind, route)
+
+    # -- tokens ---------------------------------------------------------------------------
+
+    def _token(self, plan: _Plan, peer: PeerCred | None) -> Reply:
+        name = plan.account
+        account = self._engine.accounts.get(name)
+        if account is None:
+            return self._reply("token", 404, _UNKNOWN_ACCOUNT)
+        if account.config.allow is not None and not _allowed(account, peer):
+            return self._reply("token", 403, _FORBIDDEN)
+        min_valid = plan.min_valid
+        now = self._now()
+        token = account.published
+        if token is not None and token.expires_at - now > (min_valid or 0.0):
+            self._count("token", 200)
+            return self._token_reply(name, token, now, plan.as_text)
+        if min_valid is None:
+            # Without min_valid a request never waits, and never causes a refresh.
+            return self._reply("token", 503, _unavailable(account))
+        return self._token_after_refresh(name, min_valid, plan.as_text)
+
+    def _token_reply(self, name: str, token: TokenSet, now: float, as_text: bool) -> bytes:
+        """The 200 response carrying ``token`` (valid at ``now``)."""
+        if as_text:
+            cached_text = self._text_cache.get(name)
+            if cached_text is not None and cached_text[0] is token:
+                return cached_text[1]
+            response = encode_response(200, token.access_token.encode(), TEXT_TYPE)
+            self._text_cache[name] = (token, response)
+            return response
+        expires_in = int(token.expires_at - now)
+        cached = self._json_cache.get(name)
+        if cached is not None and cached[0] is token and cached[1] == expires_in:
+            return cached[2]
+        response = json_response(
+            200,
+            {
+                "access_token": token.access_token,
+                "token_type": token.token_type,
+                "expires_at": int(token.expires_at),
+                "expires_in": expires_in,
+                "scope": token.scope,
+            },
+        )
+        self._json_cache[name] = (token, expires_in, response)
+        return response
+
+    def _refresh(self, plan: _Plan, peer: PeerCred | None) -> Reply:
+        account = self._engine.accounts.get(plan.account)
+        if account is None:
+            return self._reply("refresh", 404, _UNKNOWN_ACCOUNT)
+        if not _allowed(account, peer):
+            return self._reply("refresh", 403, _FORBIDDEN)
+        if account.state is AccountState.NEEDS_REAUTH:
+            return self._reply("refresh", 503, _unavailable(account, "refresh_failed"))
+        retry_after = self._rate_limited_for(account.name)
+        if retry_after is not None:
+            return self._reply("refresh", 429, _rate_limited(retry_after))
+        return self._refresh_and_wait(account.name, account.published, plan.as_text)
+
+    async def _token_after_refresh(self, name: str, min_valid: float, as_text: bool) -> bytes:
+        await self._app_refresh(name, partial(self._engine.wait_fresh, name, min_valid))
+        account = self._engine.accounts.get(name)
+        if account is None:
+            return self._reply("token", 404, _UNKNOWN_ACCOUNT)
+        now = self._now()
+        token = account.published
+        if token is not None and token.is_valid(now, min_valid):
+            self._count("token", 200)
+            return self._token_reply(name, token, now, as_text)
+        return self._reply("token", 503, _unavailable(account))
+
+    async def _refresh_and_wait(self, name: str, before: TokenSet | None, as_text: bool) -> bytes:
+        refreshed = await self._app_refresh(name, partial(self._engine.force_refresh, name))
+        account = self._engine.accounts.get(name)
+        if account is None:
+            return self._reply("refresh", 404, _UNKNOWN_ACCOUNT)
+        now = self._now()
+        token = account.published
+        # Only a token committed after the request counts: the old one just got a 401.
+        if token is not None and token is not before and token.is_valid(now):
+            self._count("refresh", 200)
+            return self._token_reply(name, token, now, as_text)
+        if not refreshed:
+            return self._reply("refresh", 429, _rate_limited(self._rate_limited_for(name) or 1.0))
+        return self._reply("refresh", 503, _unavailable(account, "refresh_failed"))
+
+    def _rate_limited_for(self, name: str) -> float | None:
+        """Seconds until an application may cause another refresh of ``name``; ``None``
+        if it may now (or may join one in flight)."""
+        gate = self._gates.get(name)
+        if gate is None or gate.done is not None:
+            return None
+        remaining = self._force_interval - (self._monotonic() - gate.started)
+        return remaining if remaining > 0 else None
+
+    async def _app_refresh(self, name: str, refresh: Callable[[float], Awaitable[Account]]) -> bool:
+        """Join the refresh of ``name`` an application already caused, or cause one
+        with ``refresh(max_wait)`` unless the rate limit forbids it (then ``False``)."""
+        gate = self._gates.get(name)
+        if gate is not None and gate.done is not None:
+            with anyio.move_on_after(self._wait_max):
+                await gate.done.wait()
+            return True
+        if self._rate_limited_for(name) is not None:
+            return False
+        done = anyio.Event()
+        started = self._monotonic()
+        gate = self._gates[name] = _Gate(started=started, done=done)
+        try:
+            account = self._engine.accounts[name]
+            before = account.published
+            account = await refresh(self._wait_max)
+            remaining = self._wait_max - (self._monotonic() - started)
+            # Same token, and no failure: the engine let this request share a refresh
+            # that was already under way and whose token had been published before the
+            # request came, so no attempt was made for it. Ask once more.
+            if remaining > 0 and account.published is before and account.state is _VALID:
+                await refresh(remaining)
+        except KeyError:
+            pass  # the account was removed by a reload meanwhile; the caller looks again
+        finally:
+            gate.done = None
+            done.set()
+        return True
+
+    # -- state, probes, metrics -----------------------------------------------------------------
+
+    def _accounts(self) -> bytes:
+        now = self._now()
+        accounts = self._engine.accounts
+        return json_response(
+            200, {"accounts": [_account_view(accounts[name], now) for name in sorted(accounts)]}
+        )
+
+    def _readyz(self) -> bytes:
+        not_ready = self._engine.not_ready()
+        if not not_ready:
+            return self._reply("readyz", 200, _READY)
+        return self._reply(
+            "readyz", 503, json_response(503, {"ready": False, "not_ready": not_ready})
+        )
+
+    async def _render_metrics(self, accept_encoding: bytes | None) -> bytes:
+        encoding = accept_encoding.decode("latin-1") if accept_encoding is not None else None
+        body, headers = await self._metrics.render(encoding)
+        content_type = b"text/plain; version=0.0.4; charset=utf-8"
+        extra = []
+        for name, value in headers.items():
+            lowered = name.lower()
+            if lowered == "content-type":
+                content_type = value.encode("latin-1")
+            elif lowered != "content-length":
+                extra.append(f"{name}: {value}\r\n".encode("latin-1"))
+        if any(name.lower() == "content-encoding" for name in headers):
+            extra.append(b"Vary: Accept-Encoding\r\n")
+        return self._reply(
+            "metrics", 200, encode_response(200, body, content_type, b"".join(extra))
+        )
+
+
+_TOKEN_ROUTES = {
+    b"/v1/accounts": (_ACCOUNTS, "accounts"),
+    b"/healthz": (_HEALTHZ, "healthz"),
+    b"/readyz": (_READYZ, "readyz"),
+    b"/metrics": (_METRICS, "metrics"),
+}
+# The TCP port: probes and metrics, never anything about tokens or accounts.
+_PROBE_ROUTES = {path: found for path, found in _TOKEN_ROUTES.items() if found[0] != _ACCOUNTS}
+
+
+def _token_plan(request: Request, rest: bytes) -> _Plan:
+    """/v1/tokens/{account} and /v1/tokens/{account}/refresh."""
+    if rest.endswith(_REFRESH_SUFFIX):
+        kind, route, method = _REFRESH, "refresh", b"POST"
+        rest = rest[: -len(_REFRESH_SUFFIX)]
+    else:
+        kind, route, method = _TOKEN, "token", b"GET"
+    if not rest or b"/" in rest:
+        return _fixed("other", 404, _NOT_FOUND)
+    if request.method != method:
+        return _fixed(route, 405, _POST_ONLY if kind == _REFRESH else _GET_ONLY)
+    min_valid = None
+    if kind == _TOKEN:
+        try:
+            min_valid = _min_valid(request.query)
+        except ValueError as exc:
+            return _fixed(route, 400, error_response(400, "bad_request", detail=str(exc)))
+    # The request line admits visible ASCII only, so decoding cannot fail.
+    return _Plan(kind, route, rest.decode("ascii"), min_valid, as_text=_wants_text(request.accept))
+
+
+def _allowed(account: Account, peer: PeerCred | None) -> bool:
+    allow = account.config.allow
+    if allow is None:
+        return True
+    if peer is None:
+        return False
+    return peer.uid in allow.uids or peer.gid in allow.gids
+
+
+def _wants_text(accept: bytes | None) -> bool:
+    # Deliberately simple: text/plain named without application/json; no q-values.
+    return accept is not None and b"text/plain" in accept and b"application/json" not in accept
+
+
+def _min_valid(query: bytes | None) -> float | None:
+    """``min_valid`` from the query string (``None`` if absent). Raises ``ValueError``
+    with a message for the client; the message never echoes what was sent."""
+    if not query:
+        return None
+    min_valid: float | None = None
+    for pair in query.split(b"&"):
+        if not pair:
+            continue
+        key, _, value = pair.partition(b"=")
+        if key != b"min_valid":
+            raise ValueError("unknown query parameter (this endpoint takes min_valid)")
+        if _SECONDS.fullmatch(value) is None:
+            raise ValueError("min_valid must be a number of seconds, such as 30")
+        min_valid = float(value)
+    return min_valid
+
+
+def _unavailable(account: Account, error: str = "token_unavailable") -> bytes:
+    return error_response(503, error, state=account.state.value, last_error=account.last_error)
+
+
+def _rate_limited(retry_after: float) -> bytes:
+    seconds = max(1, math.ceil(retry_after))
+    return json_response(
+        429,
+        {"error": "rate_limited", "retry_after": seconds},
+        b"Retry-After: %d\r\n" % seconds,
+    )
+
+
+def _epoch(ts: float | None) -> int | None:
+    return None if ts is None else int(ts)
+
+
+def _account_view(account: Account, now: float) -> dict[str, object]:
+    token = account.published
+    return {
+        "name": account.name,
+        "provider": account.provider,
+        "state": account.state.value,
+        "required": account.config.required,
+        "token_valid": token is not None and token.is_valid(now),
+        "expires_at": _epoch(token.expires_at) if token is not None else None,
+        "last_refresh_at": _epoch(account.last_refresh_at),
+        # The next attempt the engine has scheduled: the planned refresh while the
+        # token is fine, the retry after a failure; null when none is (needs_reauth).
+        "next_refresh_at": _epoch(account.next_attempt_at),
+        "last_error": account.last_error,
+    }
