@@ -580,6 +580,8 @@ def test_socket_file_mode_stale_file_second_instance_and_removal(
     assert second.proc is not None
     assert second.proc.wait(30) != 0
     assert "is in use" in second.log_text()
+    # One JSON line saying so, not a traceback.
+    assert second.events("cannot_serve") and "Traceback" not in second.log_text()
     assert wait_for_token(sock, "alice")
 
     # Not a socket: never removed.

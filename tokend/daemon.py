@@ -25,7 +25,7 @@ from tokend.engine import Engine
 from tokend.oauth import ProviderClient, ProviderSetupError
 from tokend.publish import Publisher, TokenFiles
 from tokend.publish.metrics import Metrics
-from tokend.publish.server import serve_socket, serve_tcp
+from tokend.publish.server import ServeError, serve_socket, serve_tcp
 from tokend.store import open_store
 
 _log = logs.get_logger()
@@ -122,6 +122,17 @@ class Daemon:
         return engine
 
     async def run(self) -> int:
+        code = 1
+        try:
+            code = await self._run()
+        except* ServeError as group:
+            # A socket or port tokend cannot take (another tokend is live on it, say):
+            # say so in one line; nothing has been refreshed yet.
+            for exc in group.exceptions:
+                _log.error("cannot_serve", error=str(exc))
+        return code
+
+    async def _run(self) -> int:
         async with AsyncExitStack() as stack:
             engine = await self._open(stack)
             _log.info(

@@ -71,6 +71,7 @@ are far too slow for 100,000 series.
 from __future__ import annotations
 
 import bisect
+import collections
 import gzip
 import math
 import platform
@@ -84,7 +85,12 @@ import anyio.lowlevel
 import anyio.to_thread
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
-from prometheus_client.metrics_core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from tokend._version import __version__
@@ -357,6 +363,24 @@ def _per_account_exposition(snapshot: _Snapshot) -> list[bytes]:
     return pieces
 
 
+class _SocketRequests:
+    """``tokend_socket_requests_total`` from plain counts kept on the event loop."""
+
+    def __init__(self, counts: collections.Counter[tuple[str, int]]) -> None:
+        self.counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "tokend_socket_requests",
+            "Socket API requests by route name and status code.",
+            labels=["endpoint", "code"],
+        )
+        # Copy first: the loop may add a key while this thread iterates.
+        for (endpoint, code), count in list(self.counts.items()):
+            family.add_metric([endpoint, str(code)], count)
+        yield family
+
+
 class _Scrape:
     """What one scrape exposes: the registry's series, then the snapshot's.
 
@@ -440,12 +464,10 @@ class Metrics:
             buckets=STORE_COMMIT_BUCKETS,
             registry=self.registry,
         )
-        self._socket_requests = Counter(
-            "tokend_socket_requests",
-            "Socket API requests by route name and status code.",
-            ["endpoint", "code"],
-            registry=self.registry,
-        )
+        # Counted on the token hot path: a plain dict increment (~50 ns) instead of a
+        # labelled child lookup and a locked increment (~2-7 us); exported at scrape.
+        self._socket_counts: collections.Counter[tuple[str, int]] = collections.Counter()
+        self.registry.register(_SocketRequests(self._socket_counts))
         build_info = Gauge(
             "tokend_build_info",
             "tokend's version and the Python running it (always 1).",
@@ -478,7 +500,7 @@ class Metrics:
 
     def socket_request(self, endpoint: str, code: int) -> None:
         """Count one socket API request (``endpoint`` is a route name, not a path)."""
-        self._socket_requests.labels(endpoint, str(code)).inc()
+        self._socket_counts[endpoint, code] += 1
 
     # -- exposition ---------------------------------------------------------------------
 
