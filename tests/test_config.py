@@ -722,3 +722,32 @@ def test_resolve_config_path_precedence() -> None:
     assert resolve_config_path(None, {}) == Path("config.yaml")
     assert resolve_config_path(None, {"TOKEND_CONFIG": ""}) == Path("config.yaml")
     assert resolve_config_path("", {}) == Path("config.yaml")
+
+
+def test_outputs_templates_and_owners_are_checked_with_positions(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """\
+        serve:
+          token_file_owner: no-such-user-here
+        providers:
+          idp: {token_endpoint: "http://127.0.0.1:1/token", client_id: x, auth_method: none}
+        accounts:
+          alice:
+            provider: idp
+            refresh_token: rt-canary-0001
+            outputs:
+              - {file: header, template: "Authorization: Bearer {access_token.__class__}"}
+              - {file: ..data, template: "{access_token}"}
+        """,
+    )
+    lines = problems(path)
+    assert any(
+        ":2:3: serve.token_file_owner:" in line and "unknown user" in line for line in lines
+    ), lines
+    assert any(
+        "accounts.alice.outputs.0.template:" in line and "is not allowed" in line
+        for line in lines
+    ), lines
+    assert any("accounts.alice.outputs.1.file:" in line and "'..'" in line for line in lines)
+    assert not any("rt-canary-0001" in line for line in lines)

@@ -301,10 +301,16 @@ async def test_templates_render(tmp_path: Path) -> None:
     ],
 )
 def test_malicious_or_broken_templates_are_rejected(tmp_path: Path, template: str) -> None:
+    # The config rejects it (so `tokend check` reports it with its line)...
+    with pytest.raises(ValueError) as at_config:
+        OutputConfig(file="header", template=template)
+    # ...and the publisher refuses it too, should an unchecked one reach it.
+    unchecked = OutputConfig.model_construct(file="header", template=template, mode=None)
     with pytest.raises(ValueError, match=r"account 'acct', output 'header': ") as caught:
-        TokenFiles(tmp_path, outputs={"acct": [OutputConfig(file="header", template=template)]})
+        TokenFiles(tmp_path, outputs={"acct": [unchecked]})
     if template == "{access_token.__class__}":
         assert "{access_token.__class__} is not allowed" in str(caught.value)
+        assert "{access_token.__class__} is not allowed" in str(at_config.value)
 
 
 @pytest.mark.parametrize("name", ["..data", "..x", "token", "token.json"])

@@ -215,8 +215,15 @@ class Daemon:
                 update={"providers": {n: config.providers[n] for n in sorted(changed)}}
             )
         )
+        try:
+            publishers = build_publishers(config)
+        except ValueError as exc:
+            _log.error("reload_rejected", errors=[str(exc)], detail="the config in force stays")
+            for client in clients.values():
+                await client.aclose()
+            return
         retired = await engine.reload(config, clients, errors, changed)
-        engine.publishers = build_publishers(config)
+        engine.publishers = publishers
         self.fingerprints = fingerprints
         for name in set(self.clients) - set(config.providers):
             del self.clients[name]

@@ -26,6 +26,9 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from tokend._ids import resolve_id
+from tokend.template import Template
+
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -109,6 +112,19 @@ class ServeConfig(_Model):
     # Owner and group of token files (name or number); default: the daemon's.
     token_file_owner: str | int | None = None
     token_file_group: str | int | None = None
+
+    @field_validator("token_file_owner")
+    @classmethod
+    def _known_owner(cls, value: str | int | None) -> str | int | None:
+        resolve_id(value, "user", "token_file_owner")
+        return value
+
+    @field_validator("token_file_group")
+    @classmethod
+    def _known_group(cls, value: str | int | None) -> str | int | None:
+        resolve_id(value, "group", "token_file_group")
+        return value
+
     metrics_listen: str | None = "127.0.0.1:9464"
     # Per-account series (expiry timestamp, state) cost a label per account: opt in.
     per_account_metrics: bool = False
@@ -244,6 +260,20 @@ class OutputConfig(_Model):
     file: Name
     template: str
     mode: FileMode | None = None
+
+    @field_validator("file")
+    @classmethod
+    def _not_hidden(cls, file: str) -> str:
+        # Names starting with ".." are the publisher's own (..data, version dirs).
+        if file.startswith(".."):
+            raise ValueError("output file names cannot start with '..'")
+        return file
+
+    @field_validator("template")
+    @classmethod
+    def _valid_template(cls, template: str) -> str:
+        Template(template)  # raises ValueError saying what is wrong
+        return template
 
 
 class OnChangeConfig(_Model):

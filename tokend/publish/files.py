@@ -64,15 +64,12 @@ rejected when the publisher is built, and rendering never calls ``str.format``.
 
 from __future__ import annotations
 
-import grp
 import hashlib
 import os
-import pwd
 import re
 import secrets
 import shutil
 import stat
-import string
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -83,10 +80,12 @@ from typing import TypeVar
 import anyio
 import orjson
 
+from tokend._ids import resolve_id
 from tokend.clock import Clock, SystemClock
 from tokend.config import OutputConfig
 from tokend.logs import get_logger
 from tokend.model import TokenSet
+from tokend.template import PLACEHOLDERS, Template
 
 __all__ = [
     "PLACEHOLDERS",
@@ -100,8 +99,6 @@ __all__ = [
 _log = get_logger(component="token_files")
 _T = TypeVar("_T")
 
-PLACEHOLDERS = ("access_token", "token_type", "expires_at", "expires_in", "scope", "account")
-_PLACEHOLDER_SET = frozenset(PLACEHOLDERS)
 
 TOKEN = "token"
 TOKEN_JSON = "token.json"
@@ -183,49 +180,6 @@ def token_json(token: TokenSet, now: float) -> bytes:
 # -- templates -------------------------------------------------------------------------
 
 
-class Template:
-    """An output template, checked once: literal text and known placeholders only."""
-
-    __slots__ = ("_parts", "text")
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        parts: list[tuple[str, str | None]] = []
-        try:
-            parsed = list(string.Formatter().parse(text))
-        except ValueError as exc:
-            raise ValueError(f"{exc} (write {{{{ and }}}} for literal braces)") from None
-        for literal, field, spec, conversion in parsed:
-            if field is None:
-                parts.append((literal, None))
-                continue
-            shown = (
-                "{"
-                + field
-                + (f"!{conversion}" if conversion else "")
-                + (f":{spec}" if spec else "")
-                + "}"
-            )
-            if field not in _PLACEHOLDER_SET:
-                raise ValueError(
-                    f"placeholder {shown} is not allowed: use "
-                    + ", ".join("{" + name + "}" for name in PLACEHOLDERS)
-                    + " (no attribute or index access)"
-                )
-            if conversion is not None or spec:
-                raise ValueError(
-                    f"placeholder {shown}: conversions and format specs are not allowed"
-                )
-            parts.append((literal, field))
-        self._parts = tuple(parts)
-
-    def render(self, values: Mapping[str, str]) -> str:
-        # Built by concatenation, never str.format: nothing in a template is evaluated.
-        return "".join(
-            literal + (values[field] if field is not None else "") for literal, field in self._parts
-        )
-
-
 @dataclass(frozen=True, slots=True)
 class _Output:
     file: str
@@ -242,25 +196,6 @@ def _check_output_name(name: str) -> None:
 
 
 # -- owner and group -------------------------------------------------------------------
-
-
-def _resolve_id(value: str | int | None, what: str, setting: str) -> int:
-    """A uid or gid from a name or number; -1 (leave as is) for None."""
-    if value is None:
-        return -1
-    if isinstance(value, bool):
-        raise ValueError(f"{setting}: expected a {what} name or number, not {value!r}")
-    if isinstance(value, int) or (value.isascii() and value.isdigit()):
-        number = int(value)
-        if number < 0:
-            raise ValueError(f"{setting}: {what} id cannot be negative")
-        return number
-    try:
-        if what == "user":
-            return pwd.getpwnam(value).pw_uid
-        return grp.getgrnam(value).gr_gid
-    except KeyError:
-        raise ValueError(f"{setting}: unknown {what} {value!r}") from None
 
 
 # -- what was last written -------------------------------------------------------------
@@ -309,8 +244,8 @@ class TokenFiles:
     ) -> None:
         self.root = root
         self.mode = mode
-        self.uid = _resolve_id(owner, "user", "serve.token_file_owner")
-        self.gid = _resolve_id(group, "group", "serve.token_file_group")
+        self.uid = resolve_id(owner, "user", "serve.token_file_owner")
+        self.gid = resolve_id(group, "group", "serve.token_file_group")
         self.clock: Clock = clock or SystemClock()
         self._outputs: dict[str, tuple[_Output, ...]] = {}
         for account, configured in (outputs or {}).items():
