@@ -328,7 +328,7 @@ class IdP:
         port: int = 0,
         refresh_token_ttl: int = 86400,
     ) -> None:
-        self.workdir = Path(workdir)
+        self.workdir = Path(workdir).resolve()
         self.keys: dict[str, Any] | None = None
         self._clients = clients
         self.settings: dict[str, Any] = {

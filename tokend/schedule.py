@@ -45,7 +45,11 @@ class RefreshSchedule:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._scheduler = AsyncIOScheduler(
             event_loop=loop,
-            job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1},
+            # A wake-up never waits on another: _fire has no await, so instances
+            # cannot interleave, and with max_instances=1 a wake-up due while the
+            # previous one's task is being reaped would be skipped, and a skipped date
+            # job is gone.
+            job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 64},
         )
         self._scheduler.start()
         self._armed_for = None
@@ -121,7 +125,8 @@ class RefreshSchedule:
         )
 
     async def _fire(self) -> None:
-        # Runs on the event loop (a coroutine job): collect what is due, hand it over.
+        # Runs on the event loop (a coroutine job): collect everything due by now, so
+        # the timer is only ever re-armed for a time still to come.
         self._armed_for = None
         now = self._clock.time()
         due: list[str] = []
