@@ -79,3 +79,12 @@ async def test_a_time_set_from_inside_a_wake_up_still_fires() -> None:
     finally:
         schedule.shutdown()
     assert sorted(fired) == ["first", "second", "third"]
+
+
+def test_shift_keeps_each_wait_after_a_clock_jump() -> None:
+    schedule = RefreshSchedule(lambda names: None, SystemClock())
+    schedule.set("a", 1000.0)
+    schedule.set("b", 2000.0)
+    # The wall clock jumped forward an hour: each account still waits as long.
+    schedule.shift(3600.0)
+    assert schedule.due_at("a") == 4600.0 and schedule.due_at("b") == 5600.0

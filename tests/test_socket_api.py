@@ -883,3 +883,42 @@ def test_report_keep_alive_latency(fresh_idp: IdP, tokend_factory: Any, short_di
         f"\nasyncio echo server, same client:  p50 {e50 * 1e6:.1f} us, p99 {e99 * 1e6:.1f} us"
         f"\nratio p50 {p50 / e50:.2f}x"
     )
+
+
+def test_live_metrics_parse_and_carry_the_documented_names(
+    fresh_idp: IdP, tokend_factory: Any, short_dir: Path
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    sock = short_dir / "m.sock"
+    config = socket_config(fresh_idp, sock)
+    seed = add_account(config, fresh_idp, "alice")
+    tokend = tokend_factory(config).start()
+    wait_until(sock.exists, what="the socket")
+    token = wait_for_token(sock, "alice")["access_token"]
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), timeout=10) as client:
+        body = client.get("http://tokend/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(body)}
+    expected = {
+        "tokend_refresh": "counter",
+        "tokend_refresh_duration_seconds": "histogram",
+        "tokend_accounts": "gauge",
+        "tokend_token_min_remaining_seconds": "gauge",
+        "tokend_token_remaining_seconds": "histogram",
+        "tokend_circuit_state": "gauge",
+        "tokend_store_commit_duration_seconds": "histogram",
+        "tokend_socket_requests": "counter",
+        "tokend_build_info": "gauge",
+    }
+    for name, kind in expected.items():
+        assert name in families and families[name].type == kind, name
+    success = [
+        s for s in families["tokend_refresh"].samples
+        if s.labels == {"provider": "idp", "outcome": "success"} and s.name.endswith("_total")
+    ]
+    assert success and success[0].value >= 1
+    valid = [s for s in families["tokend_accounts"].samples if s.labels.get("state") == "valid"]
+    assert valid and valid[0].value == 1
+    # Bounded cardinality: no account name, and never a secret.
+    assert "alice" not in body and token not in body and seed not in body
+    assert tokend.stop() == 0
