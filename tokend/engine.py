@@ -682,7 +682,7 @@ class Engine:
                 self._hold_for_breaker(account, provider, admission.retry_at)
                 return
             try:
-                await self._claimed_exchange(account, provider, client)
+                await self._claimed_exchange(account, provider, client, admission.probe)
             except BaseException:
                 if admission.probe:
                     provider.breaker = breaker_abandon_probe(provider.breaker, self.clock.time())
@@ -711,7 +711,7 @@ class Engine:
             )
 
     async def _claimed_exchange(
-        self, account: Account, provider: ProviderRuntime, client: ProviderClient
+        self, account: Account, provider: ProviderRuntime, client: ProviderClient, probe: bool
     ) -> None:
         claim_ttl = self.config.providers[account.provider].timeout + 30.0
         try:
@@ -724,11 +724,11 @@ class Engine:
             self._schedule(account, self.clock.time() + 5.0)
             return
         try:
-            retry_now = await self._exchange(account, provider, client)
+            retry_now = await self._exchange(account, provider, client, probe)
             if retry_now:
                 # The response was lost inside the IdP's reuse grace: the same token
                 # once more, at once, before anything else.
-                await self._exchange(account, provider, client)
+                await self._exchange(account, provider, client, probe)
         finally:
             try:
                 await self.store.release(account.name, self.owner)
@@ -737,7 +737,7 @@ class Engine:
                 _log.warning("store_release_failed", account=account.name, error=str(exc))
 
     async def _exchange(
-        self, account: Account, provider: ProviderRuntime, client: ProviderClient
+        self, account: Account, provider: ProviderRuntime, client: ProviderClient, probe: bool
     ) -> bool:
         """One token request and its consequences. True if the policy asks to resend
         the same refresh token at once (a lost response inside the reuse grace)."""
@@ -759,6 +759,15 @@ class Engine:
                     account.state = previous_state
                     await self._on_failure(account, provider, _store_unavailable(exc), 0.0)
                     return False
+            if not probe and provider.breaker.status is not BreakerStatus.CLOSED:
+                # The breaker opened (a 429, a 403) while this request was getting
+                # ready (claim, in-flight mark): it is not sent after all.
+                account.state = previous_state
+                if account.record.in_flight_since is not None:
+                    await self._withdraw_in_flight_mark(account)
+                self._hold_for_breaker(account, provider, provider.breaker.opened_until)
+                return False
+            if refresh_token is not None and account.config.grant == "refresh_token":
                 outcome = await client.refresh(refresh_token, account.config.scope)
             else:
                 outcome = await client.client_credentials(account.config.scope)
@@ -772,6 +781,14 @@ class Engine:
             return False
         account.state = previous_state
         return await self._on_failure(account, provider, outcome, duration)
+
+    async def _withdraw_in_flight_mark(self, account: Account) -> None:
+        try:
+            account.record = await self._put(account.record.evolve(in_flight_since=None))
+        except StoreError as exc:
+            # Harmless if it stays: it only makes the next invalid_grant's message
+            # mention a possibly lost response.
+            _log.warning("store_write_failed", account=account.name, error=str(exc))
 
     def _record_breaker(self, provider: ProviderRuntime, outcome: Outcome) -> None:
         before = provider.breaker
