@@ -234,6 +234,8 @@ _HEADERS_TOO_LARGE = error_response(431, "headers_too_large", close=True)
 # accept() failures that say "not now" (out of descriptors or memory), not "broken".
 _ACCEPT_BACKOFF = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _ACCEPT_SKIP = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM}
+# Connections taken per readiness callback before the loop runs anything else.
+_ACCEPT_BATCH = 64
 
 
 class HttpListener:
@@ -260,27 +262,52 @@ class HttpListener:
         self.parsed: dict[bytes, Request] = {}
 
     async def serve(self) -> None:
-        """Accept connections until cancelled; each is served in a child task."""
+        """Accept connections until cancelled; each is served in a child task.
+
+        Accepting is a reader callback on the listening socket that takes every
+        pending connection at once (as asyncio's own servers do): ``sock_accept``
+        costs a future and an epoll registration and removal per connection."""
         loop = asyncio.get_running_loop()
         self.sock.setblocking(False)
+        fd = self.sock.fileno()
+        failed: list[OSError] = []
+        retry: list[asyncio.TimerHandle] = []
         async with anyio.create_task_group() as group:
-            while True:
-                try:
-                    conn, _ = await loop.sock_accept(self.sock)
-                except OSError as exc:
-                    if exc.errno in _ACCEPT_SKIP:
+
+            def accept() -> None:
+                for _ in range(_ACCEPT_BATCH):
+                    try:
+                        conn, _ = self.sock.accept()
+                        conn.setblocking(False)
+                    except BlockingIOError:
+                        return
+                    except OSError as exc:
+                        if exc.errno in _ACCEPT_SKIP:
+                            continue
+                        if exc.errno in _ACCEPT_BACKOFF:
+                            _log.error("accept_failed", error=exc.strerror, retry_in_s=0.5)
+                            loop.remove_reader(fd)
+                            retry[:] = [loop.call_later(0.5, loop.add_reader, fd, accept)]
+                            return
+                        failed.append(exc)
+                        wake.set()
+                        return
+                    if self.active >= self.limits.max_connections:
+                        self._refuse(conn)
                         continue
-                    if exc.errno in _ACCEPT_BACKOFF:
-                        _log.error("accept_failed", error=exc.strerror, retry_in_s=0.5)
-                        await anyio.sleep(0.5)
-                        continue
-                    raise
-                if self.active >= self.limits.max_connections:
-                    self._refuse(conn)
-                    continue
-                self._refusing = False
-                self.active += 1
-                group.start_soon(self._serve_connection, conn)
+                    self._refusing = False
+                    self.active += 1
+                    group.start_soon(self._serve_connection, conn)
+
+            wake = anyio.Event()
+            loop.add_reader(fd, accept)
+            try:
+                await wake.wait()
+                raise failed[0]
+            finally:
+                for handle in retry:
+                    handle.cancel()
+                loop.remove_reader(fd)
 
     def _refuse(self, conn: socket.socket) -> None:
         if not self._refusing:
