@@ -359,6 +359,9 @@ def test_full_disk_holds_the_rotated_token_and_publishes_nothing_until_saved(
 
     seeded = fresh_idp.seed_grant("basic-client")
     config = base_config(fresh_idp)
+    # Commit retries back off like refreshes; keep them short so that the recovery
+    # after space returns is seconds, not minutes, however long the outage lasted.
+    config["providers"]["idp"]["backoff"] = {"initial": "0.5s", "max": "2s"}
     config["accounts"]["alice"] = {"provider": "idp", "refresh_token": seeded["refresh_token"]}
     tokend = tokend_factory(config)
     state = tokend.workdir / "state"
@@ -371,7 +374,7 @@ def test_full_disk_holds_the_rotated_token_and_publishes_nothing_until_saved(
         tokend.wait_event("refresh", count=1, account="alice", outcome="success")
         # The disk fills while a refresh is at the IdP: the in-flight mark was written,
         # the IdP rotates the token, and the commit of the rotated token fails.
-        fresh_idp.fault("delay", delay_ms=2500)
+        fresh_idp.fault("delay", delay_ms=4000)
         wait_until(
             lambda: any(r["t_end"] is None for r in grant_requests(fresh_idp, seeded["grant_id"])),
             timeout=15,

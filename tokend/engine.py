@@ -76,6 +76,8 @@ _log = get_logger()
 # recomputation of every account's schedule.
 _CLOCK_JUMP_TOLERANCE = 2.0
 _CLOCK_CHECK_INTERVAL = 5.0
+# Concurrent workers reconciling stored records with the config at start.
+_LOAD_WORKERS = 32
 # Concurrent workers republishing restored tokens at start.
 _RESTORE_WORKERS = 8
 # Accounts due at start are spread over up to this many seconds.
@@ -240,9 +242,20 @@ class Engine:
         with paused_gc():
             stored = await self.store.load_all()
             now = self.clock.time()
-            for name, aconf in self.config.accounts.items():
-                account = await self._reconcile(name, aconf, stored.get(name), now)
-                self.accounts[name] = account
+            loaded: dict[str, Account] = {}
+            pending = iter(self.config.accounts.items())
+
+            async def reconcile_some() -> None:
+                for name, aconf in pending:
+                    loaded[name] = await self._reconcile(name, aconf, stored.get(name), now)
+
+            # A first start (or new seeds) writes one record per account: several at
+            # once let the store commit them together (100,000 new accounts: 43 s
+            # one by one).
+            async with anyio.create_task_group() as workers:
+                for _ in range(_LOAD_WORKERS):
+                    workers.start_soon(reconcile_some)
+            self.accounts.update((name, loaded[name]) for name in self.config.accounts)
         self._loaded = True
 
     def _timing_for(self, aconf: AccountConfig) -> RefreshTiming:
