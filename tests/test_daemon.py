@@ -374,7 +374,7 @@ def test_full_disk_holds_the_rotated_token_and_publishes_nothing_until_saved(
         tokend.wait_event("refresh", count=1, account="alice", outcome="success")
         # The disk fills while a refresh is at the IdP: the in-flight mark was written,
         # the IdP rotates the token, and the commit of the rotated token fails.
-        fresh_idp.fault("delay", delay_ms=4000)
+        fresh_idp.fault("delay", delay_ms=2500)
         wait_until(
             lambda: any(r["t_end"] is None for r in grant_requests(fresh_idp, seeded["grant_id"])),
             timeout=15,
