@@ -857,7 +857,7 @@ class Engine:
         )
         account.policy = account_after_success(account.policy)
         committed = await self._commit(account, record)
-        next_at = account.next_attempt_at if not committed else self._next_refresh_time(account)
+        next_at = account.next_attempt_at
         outcome = "success" if committed else "unsaved"
         for observer in self.observers:
             observer.refresh_finished(account.provider, outcome, duration)
@@ -871,8 +871,6 @@ class Engine:
             expires_at=_iso(token.expires_at),
             next_refresh_at=_iso(next_at) if next_at else None,
         )
-        if committed:
-            self._schedule(account, next_at or now)
 
     async def _commit(self, account: Account, record: StoredAccount) -> bool:
         """Durably store ``record``, then publish its token. On a store failure the
@@ -903,7 +901,14 @@ class Engine:
         account.last_refresh_at = self.clock.time()
         account.state = AccountState.VALID
         if stored.token is not None:
-            await self._publish(account, stored.token)
+            # The next refresh is set before the token is handed out, so nobody who
+            # sees the new token sees the old schedule beside it.
+            token = stored.token
+            jitter = self.rng.uniform(-1, 1)
+            self._schedule(
+                account, refresh_at(account.timing, token.issued_at, token.expires_at, jitter)
+            )
+            await self._publish(account, token)
         return True
 
     async def _commit_unsaved(self, account: Account) -> None:
@@ -912,7 +917,6 @@ class Engine:
             return
         if await self._commit(account, record.evolve(version=account.record.version)):
             _log.info("commit_recovered", account=account.name)
-            self._schedule(account, self._next_refresh_time(account))
 
     async def _put(self, record: StoredAccount) -> StoredAccount:
         started = self.clock.monotonic()
