@@ -40,7 +40,7 @@ from tokend.config import (
     RefreshPolicyConfig,
     read_secret_file,
 )
-from tokend.logs import get_logger, register_secret
+from tokend.logs import forget_secret, get_logger, register_secret
 from tokend.model import AccountState, StoredAccount, TokenSet, fingerprint
 from tokend.oauth import FailureKind, Outcome, ProviderClient, TokenFailure, TokenResponse
 from tokend.observe import Observer
@@ -103,6 +103,9 @@ class Account:
     policy: AccountPolicyState = field(default_factory=AccountPolicyState)
     # Failed commits in a row of an unsaved token (the commit retry's backoff attempt).
     commit_failures: int = 0
+    # The access token this account replaced last: still redacted from logs until
+    # the next refresh (it may not have expired yet).
+    retired_access_token: str | None = field(default=None, repr=False)
     # When an application last asked for a refresh ahead of schedule.
     force_requested_at: float | None = None
     # Created on first use: 100,000 accounts need not pay for 200,000 sync primitives
@@ -856,7 +859,10 @@ class Engine:
             response.refresh_token is not None and response.refresh_token != used_refresh_token
         )
         account.policy = account_after_success(account.policy)
+        replaced = account.published
         committed = await self._commit(account, record)
+        if committed:
+            self._retire_secrets(account, replaced, used_refresh_token if rotated else None)
         next_at = account.next_attempt_at
         outcome = "success" if committed else "unsaved"
         for observer in self.observers:
@@ -871,6 +877,17 @@ class Engine:
             expires_at=_iso(token.expires_at),
             next_refresh_at=_iso(next_at) if next_at else None,
         )
+
+    def _retire_secrets(
+        self, account: Account, replaced: TokenSet | None, spent_refresh_token: str | None
+    ) -> None:
+        """Keep the log redactor's set bounded (it would otherwise grow by two tokens per
+        refresh, forever): drop the spent refresh token and the access token from two
+        refreshes ago. The one just replaced may still be valid, so it stays redacted
+        until the next refresh."""
+        forget_secret(spent_refresh_token)
+        forget_secret(account.retired_access_token)
+        account.retired_access_token = replaced.access_token if replaced else None
 
     async def _commit(self, account: Account, record: StoredAccount) -> bool:
         """Durably store ``record``, then publish its token. On a store failure the

@@ -18,7 +18,7 @@ import logging
 import re
 import sys
 import threading
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any, TextIO
 
 import orjson
@@ -198,8 +198,3 @@ def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = No
 def get_logger(**initial: Any) -> structlog.typing.FilteringBoundLogger:
     logger: structlog.typing.FilteringBoundLogger = structlog.get_logger(**initial)
     return logger
-
-
-def register_secrets(values: Iterable[str | None]) -> None:
-    for value in values:
-        register_secret(value)
