@@ -398,10 +398,8 @@ def token_command(
     exit 1 when it is unavailable, 2 for usage errors, unknown accounts and refusals."""
     out = out or sys.stdout
     err = err or sys.stderr
-    try:
-        path = resolve_socket_path(socket_arg, config_arg)
-    except ValueError as exc:
-        print(f"tokend: {exc}", file=err)
+    path = _socket_or_report(socket_arg, config_arg, err)
+    if path is None:
         return EXIT_USAGE
     try:
         token = get_token_info(account, path, min_valid)
@@ -418,6 +416,15 @@ def token_command(
     return EXIT_OK
 
 
+def _socket_or_report(socket_arg: str | None, config_arg: str | None, err: TextIO) -> Path | None:
+    """The socket to use, or None after saying on ``err`` why there is none."""
+    try:
+        return resolve_socket_path(socket_arg, config_arg)
+    except ValueError as exc:
+        print(f"tokend: {exc}", file=err)
+        return None
+
+
 def status_command(
     *,
     socket_arg: str | None,
@@ -429,10 +436,8 @@ def status_command(
     reached."""
     out = out or sys.stdout
     err = err or sys.stderr
-    try:
-        path = resolve_socket_path(socket_arg, config_arg)
-    except ValueError as exc:
-        print(f"tokend: {exc}", file=err)
+    path = _socket_or_report(socket_arg, config_arg, err)
+    if path is None:
         return EXIT_USAGE
     try:
         accounts = list_accounts(path)
