@@ -236,6 +236,15 @@ _ACCEPT_BACKOFF = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _ACCEPT_SKIP = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM}
 # Connections taken per readiness callback before the loop runs anything else.
 _ACCEPT_BATCH = 64
+# Answers buffered per connection before tokend stops reading that connection's
+# requests (asyncio's pause_writing threshold), and where it starts again.
+_WRITE_HIGH_WATER = 64 * 1024
+_WRITE_LOW_WATER = 16 * 1024
+# Unanswered request bytes a connection may hold while its answers are not being
+# read, beyond one request head. A client that pipelines more than this without
+# reading is not waiting for answers: it is filling tokend's memory, and is cut off.
+_MAX_HELD_INPUT = 64 * 1024
+_DROP_LOG_INTERVAL = 10.0
 
 
 class HttpListener:
@@ -260,6 +269,8 @@ class HttpListener:
         self.active = 0
         self._refusing = False
         self.parsed: dict[bytes, Request] = {}
+        self._dropped = 0
+        self._drop_logged_at = -_DROP_LOG_INTERVAL
 
     async def serve(self) -> None:
         """Accept connections until cancelled; each is served in a child task.
@@ -309,6 +320,22 @@ class HttpListener:
                     handle.cancel()
                 loop.remove_reader(fd)
 
+    def note_dropped(self, reason: str, held_input: int, held_output: int) -> None:
+        """Log connections cut off for not reading their answers, at most once per
+        ``_DROP_LOG_INTERVAL`` (a client reconnecting in a loop must not flood the log)."""
+        self._dropped += 1
+        now = _monotonic()
+        if now - self._drop_logged_at >= _DROP_LOG_INTERVAL:
+            self._drop_logged_at = now
+            _log.warning(
+                "connection_dropped",
+                reason=reason,
+                held_input_bytes=held_input,
+                held_output_bytes=held_output,
+                dropped_since_last_log=self._dropped,
+            )
+            self._dropped = 0
+
     def _refuse(self, conn: socket.socket) -> None:
         if not self._refusing:
             self._refusing = True
@@ -345,6 +372,7 @@ class _Connection(asyncio.Protocol):
     and enforces the idle and head-read deadline."""
 
     def __init__(self, listener: HttpListener, peer: PeerCred | None) -> None:
+        self._listener = listener
         self._handler = listener.handler
         self._parsed = listener.parsed
         self._on_error = listener.on_error
@@ -371,6 +399,7 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+        transport.set_write_buffer_limits(_WRITE_HIGH_WATER, _WRITE_LOW_WATER)
 
     def data_received(self, data: bytes) -> None:
         if not (self._buffer or self._busy or self._write_paused or self._closed):
@@ -383,8 +412,12 @@ class _Connection(asyncio.Protocol):
                     self._close()
                 return
         self._buffer += data
-        if not self._busy:
+        if not (self._busy or self._write_paused):
             self._process()
+        elif not self._closed:
+            # Reading is paused, but these bytes were read before it was: the limits
+            # on what a connection may hold apply while nothing is being answered.
+            self._check_held()
 
     def eof_received(self) -> bool:
         # A client may half-close after its last request: answer what it sent, then close.
@@ -400,12 +433,18 @@ class _Connection(asyncio.Protocol):
         self._notify()
 
     def pause_writing(self) -> None:
-        # The client is not reading its answers: stop reading its requests.
+        # The client is not reading its answers: stop reading its requests, so what
+        # it keeps sending waits in the kernel's socket buffers (bounded) and then
+        # blocks the client, instead of growing tokend's buffers.
         self._write_paused = True
+        if self._transport is not None and not self._closed:
+            self._transport.pause_reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        if not self._busy:
+        if not (self._busy or self._closed):
+            assert self._transport is not None
+            self._transport.resume_reading()
             self._process()
 
     # -- requests --------------------------------------------------------------------------
@@ -436,6 +475,21 @@ class _Connection(asyncio.Protocol):
             self._answer(head)
         if self._eof and not self._busy:
             self._close()
+
+    def _check_held(self) -> None:
+        """Enforce, while nothing is answered, the limits ``_process`` enforces as it
+        answers: a head no longer than the limit, and no more held input than
+        ``_MAX_HELD_INPUT`` beyond one head."""
+        buffer = self._buffer
+        start = 0
+        while buffer.startswith(b"\r\n", start):
+            start += 2
+        if len(buffer) - start > self._max_head and (
+            buffer.find(b"\r\n\r\n", start, start + self._max_head) < 0
+        ):
+            self._fail(_HEADERS_TOO_LARGE, 431)
+        elif len(buffer) > self._max_head + _MAX_HELD_INPUT:
+            self._drop("pipelined_input_limit")
 
     def _answer(self, head: bytes) -> None:
         request = self._parsed.get(head)
@@ -476,9 +530,26 @@ class _Connection(asyncio.Protocol):
     def _fail(self, response: bytes, status: int) -> None:
         self._on_error(status)
         transport = self._transport
+        if self._write_paused:
+            # The client does not read: the answer would only wait in a buffer.
+            self._drop("answers_not_read")
+            return
         if transport is not None and not transport.is_closing():
             transport.write(response)
         self._close()
+
+    def _drop(self, reason: str) -> None:
+        """Cut off a client that sends without reading: no answer, nothing kept."""
+        if not self._closed:
+            transport = self._transport
+            held_output = transport.get_write_buffer_size() if transport is not None else 0
+            self._listener.note_dropped(reason, len(self._buffer), held_output)
+            self._on_error(429)
+        self._buffer.clear()
+        self._closed = True
+        if self._transport is not None:
+            self._transport.abort()
+        self._notify()
 
     def _close(self) -> None:
         if not self._closed:
@@ -514,8 +585,14 @@ class _Connection(asyncio.Protocol):
                 self._job.close()
                 self._job = None
             self._closed = True
-            if self._transport is not None and not self._transport.is_closing():
-                self._transport.close()
+            transport = self._transport
+            if transport is not None:
+                if not transport.is_closing():
+                    transport.close()
+                if transport.get_write_buffer_size():
+                    # close() waits for the client to read what is still buffered; a
+                    # client that never does must not keep that memory forever.
+                    asyncio.get_running_loop().call_later(self._idle_timeout, transport.abort)
 
     async def _run_job(self, job: Coroutine[Any, Any, bytes]) -> None:
         reply: bytes | None = None
@@ -533,17 +610,15 @@ class _Connection(asyncio.Protocol):
             return
         self._busy = False
         self._send(reply, self._job_keep_alive)
-        if not self._closed:
+        if not (self._closed or self._write_paused):
             assert self._transport is not None
             self._transport.resume_reading()
             self._process()
 
     def _expire(self) -> None:
-        transport = self._transport
-        if self._write_paused and transport is not None:
+        if self._write_paused:
             # Answers are stuck in a buffer the client does not drain: drop them.
-            self._closed = True
-            transport.abort()
+            self._drop("answers_not_read")
         elif self._buffer.strip(b"\r\n"):
             self._fail(_REQUEST_TIMEOUT, 408)
         else:
