@@ -16,8 +16,9 @@ import traceback
 from bench._common import Options, Row, machine_facts
 
 # Cheapest first, the 100,000-account run last.
-BENCHMARKS = ("socket", "refresh", "small", "hang", "scale")
+BENCHMARKS = ("cli", "socket", "refresh", "small", "hang", "scale")
 MODULES = {
+    "cli": "bench.cli",
     "socket": "bench.socket_latency",
     "refresh": "bench.refresh",
     "small": "bench.startup",

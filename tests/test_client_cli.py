@@ -33,6 +33,7 @@ from tests.test_socket_api import (
 )
 from tokend import client as tokend_client
 from tokend.cli import main
+from tokend.client_commands import resolve_socket_path
 
 
 @pytest.fixture
@@ -124,7 +125,7 @@ def test_token_command_finds_the_socket_from_config_or_environment(
     monkeypatch.delenv("TOKEND_SOCKET", raising=False)
 
     # -c names the daemon's config: its serve.socket is used.
-    assert tokend_client.resolve_socket_path(None, str(tokend.config_path)) == sock
+    assert resolve_socket_path(None, str(tokend.config_path)) == str(sock)
     # ./config.yaml is found in the working directory (the daemon's own).
     found = cli("token", "alice", cwd=tokend.workdir)
     assert (found.returncode, found.stdout) == (0, token + "\n")
@@ -133,10 +134,10 @@ def test_token_command_finds_the_socket_from_config_or_environment(
     empty.mkdir()
     from_env = cli("token", "alice", cwd=empty, env={"TOKEND_SOCKET": str(sock)})
     assert (from_env.returncode, from_env.stdout) == (0, token + "\n")
-    assert tokend_client.resolve_socket_path("x.sock", str(tokend.config_path)) == Path("x.sock")
+    assert resolve_socket_path("x.sock", str(tokend.config_path)) == "x.sock"
     # Nothing at all: ./run/tokend.sock, relative to the working directory.
     monkeypatch.chdir(empty)
-    assert tokend_client.resolve_socket_path(None, None, {}) == Path("run/tokend.sock")
+    assert resolve_socket_path(None, None, {}) == "run/tokend.sock"
 
     broken = tmp_path / "broken.yaml"
     broken.write_text("serve: [\n")
@@ -286,3 +287,54 @@ def test_tokend_auth_refreshes_once_on_401(
 
         assert anyio.run(call).status_code == 200
         assert api.seen[-2] == bob and api.seen[-1] == current_token(sock, "bob") != bob
+
+
+def test_requests_auth_refreshes_once_on_401(
+    served: tuple[Tokend, Path, list[str]], fresh_idp: IdP
+) -> None:
+    import requests
+
+    _, sock, _ = served
+    api = _ResourceServer()
+    with api.running(), requests.Session() as session:
+        first = current_token(sock, "alice")
+        api.revoked.add(first)
+        since = time.time()
+        session.auth = tokend_client.TokendRequestsAuth("alice", sock)
+        response = session.post(api.url, data=b"payload")
+        assert response.status_code == 200 and response.content == b"payload"
+        second = current_token(sock, "alice")
+        assert api.seen == [first, second] and second != first
+        assert [r.status_code for r in response.history] == [401]
+        assert len(refreshes_since(fresh_idp, since)) == 1
+        # Rejected again at once: refused refresh, same token, the 401 as it is.
+        api.revoked.add(second)
+        assert session.post(api.url, data=b"again").status_code == 401
+        assert api.seen[2:] == [second]
+        assert len(refreshes_since(fresh_idp, since)) == 1
+
+
+def test_tokens_are_cached_until_near_expiry_and_read_from_token_files(
+    served: tuple[Tokend, Path, list[str]],
+) -> None:
+    tokend, sock, _ = served
+    token = tokend_client.get_token("alice", sock)
+    tokens = tokend.workdir / "tokens"
+    from_file = tokend_client.get_token_info("alice", token_dir=tokens, cache=False)
+    assert from_file.access_token == token and from_file.expires_in > 0
+    with pytest.raises(tokend_client.TokenUnavailable):
+        tokend_client.get_token("carol", token_dir=tokens)
+    with pytest.raises(tokend_client.TokenUnavailable):
+        tokend_client.get_token("alice", token_dir=tokens, min_valid=3600)
+
+    # With tokend gone, the cached token (54 s left of 60) is still handed out; a
+    # demand beyond what the cache can promise, or cache=False, asks tokend.
+    assert tokend.stop() == 0
+    assert tokend_client.get_token("alice", sock, min_valid=5) == token
+    with pytest.raises(tokend_client.TokendUnreachable):
+        tokend_client.get_token("alice", sock, min_valid=50)
+    with pytest.raises(tokend_client.TokendUnreachable):
+        tokend_client.get_token("alice", sock, cache=False)
+    tokend_client.clear_cache()
+    with pytest.raises(tokend_client.TokendUnreachable):
+        tokend_client.get_token("alice", sock)

@@ -1,21 +1,68 @@
-"""The ``tokend`` command: run the daemon, check a config, and (later) read tokens."""
+"""The ``tokend`` command: run the daemon, check a config, read tokens and states.
+
+Starting this module imports argparse and nothing of the daemon: each command's
+handler imports what it needs when it runs, so ``tokend token``, ``tokend status`` and
+``tokend --version`` cost little more than the interpreter (tests/test_cli_imports.py
+keeps it so; bench/cli.py measures it).
+
+A command is one ``_add_NAME(commands)`` function listed in :data:`COMMANDS`: it
+declares the arguments and sets ``func`` to a handler that imports its own modules.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, TypeAlias
 
-import anyio
-
-from tokend import logs
 from tokend._version import __version__
-from tokend.config import Config, ConfigError, load_config, resolve_config_path, summarize
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from tokend.config import Config
+
+    Commands: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
 
 
-def _load(args: argparse.Namespace) -> tuple[Config, Path] | None:
+# -- shared arguments ------------------------------------------------------------------------
+
+
+def add_config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        help="config file (default: $TOKEND_CONFIG, else ./config.yaml)",
+    )
+
+
+def add_socket_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="tokend's socket (default: serve.socket of the config file if one is "
+        "given or found, else $TOKEND_SOCKET, else ./run/tokend.sock)",
+    )
+    add_config_arg(p)
+
+
+def seconds_arg(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected a number of seconds") from None
+    if not 0 <= seconds < 1e9:
+        raise argparse.ArgumentTypeError("expected a number of seconds, 0 or more")
+    return seconds
+
+
+def load_or_report(args: argparse.Namespace) -> tuple[Config, Path] | None:
+    """The config named by ``-c`` (or found), or None after printing its errors."""
+    from tokend.config import ConfigError, load_config, resolve_config_path
+
     path = resolve_config_path(args.config, os.environ)
     try:
         return load_config(path), path
@@ -25,31 +72,81 @@ def _load(args: argparse.Namespace) -> tuple[Config, Path] | None:
         return None
 
 
-def _cmd_check(args: argparse.Namespace) -> int:
-    loaded = _load(args)
+# -- daemon commands ---------------------------------------------------------------------------
+
+
+def _add_run(commands: Commands) -> None:
+    run = commands.add_parser("run", help="keep tokens fresh until SIGTERM")
+    add_config_arg(run)
+    run.add_argument(
+        "--once",
+        action="store_true",
+        help="refresh what needs it, publish, exit 0 if every account has a valid token, else 1",
+    )
+    run.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    loaded = load_or_report(args)
     if loaded is None:
         return 2
     config, path = loaded
-    print(f"{path}: {summarize(config)}")
-    return 0
+    import anyio
 
-
-def _cmd_run(args: argparse.Namespace) -> int:
-    loaded = _load(args)
-    if loaded is None:
-        return 2
-    config, path = loaded
-    logs.configure(config.log.level, config.log.format)
+    from tokend import logs
     from tokend.daemon import Daemon
 
+    logs.configure(config.log.level, config.log.format)
     daemon = Daemon(config, path)
     if args.once:
         return anyio.run(daemon.run_once)
     return anyio.run(daemon.run)
 
 
-def _cmd_token(args: argparse.Namespace) -> int:
-    from tokend.client import token_command
+def _add_check(commands: Commands) -> None:
+    check = commands.add_parser("check", help="validate a config file and exit")
+    add_config_arg(check)
+    check.set_defaults(func=_check)
+
+
+def _check(args: argparse.Namespace) -> int:
+    loaded = load_or_report(args)
+    if loaded is None:
+        return 2
+    from tokend.config import summarize
+
+    config, path = loaded
+    print(f"{path}: {summarize(config)}")
+    return 0
+
+
+# -- client commands (fast: tokend.client_commands imports the standard library only) --------
+
+
+def _add_token(commands: Commands) -> None:
+    token = commands.add_parser(
+        "token",
+        help="print an account's access token (exit 1 if unavailable, 2 if unknown)",
+    )
+    token.add_argument("account", metavar="ACCOUNT")
+    add_socket_args(token)
+    token.add_argument(
+        "--min-valid",
+        type=seconds_arg,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait (bounded) for a token valid at least this much longer (default 0)",
+    )
+    token.add_argument(
+        "--json",
+        action="store_true",
+        help="print access_token, token_type, expires_at, expires_in and scope as JSON",
+    )
+    token.set_defaults(func=_token)
+
+
+def _token(args: argparse.Namespace) -> int:
+    from tokend.client_commands import token_command
 
     return token_command(
         args.account,
@@ -60,20 +157,25 @@ def _cmd_token(args: argparse.Namespace) -> int:
     )
 
 
-def _cmd_status(args: argparse.Namespace) -> int:
-    from tokend.client import status_command
+def _add_status(commands: Commands) -> None:
+    status = commands.add_parser("status", help="show every account's state")
+    add_socket_args(status)
+    status.set_defaults(func=_status)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from tokend.client_commands import status_command
 
     return status_command(socket_arg=args.socket, config_arg=args.config)
 
 
-def _seconds_arg(value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError("expected a number of seconds") from None
-    if not 0 <= seconds < 1e9:
-        raise argparse.ArgumentTypeError("expected a number of seconds, 0 or more")
-    return seconds
+# In the order `tokend --help` lists them.
+COMMANDS: tuple[Callable[[Commands], None], ...] = (
+    _add_run,
+    _add_check,
+    _add_token,
+    _add_status,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,60 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tokend {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def add_config_arg(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "-c",
-            "--config",
-            metavar="FILE",
-            help="config file (default: $TOKEND_CONFIG, else ./config.yaml)",
-        )
-
-    run = commands.add_parser("run", help="keep tokens fresh until SIGTERM")
-    add_config_arg(run)
-    run.add_argument(
-        "--once",
-        action="store_true",
-        help="refresh what needs it, publish, exit 0 if every account has a valid token, else 1",
-    )
-    run.set_defaults(func=_cmd_run)
-
-    check = commands.add_parser("check", help="validate a config file and exit")
-    add_config_arg(check)
-    check.set_defaults(func=_cmd_check)
-
-    def add_socket_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--socket",
-            metavar="PATH",
-            help="tokend's socket (default: serve.socket of the config file if one is "
-            "given or found, else $TOKEND_SOCKET, else ./run/tokend.sock)",
-        )
-        add_config_arg(p)
-
-    token = commands.add_parser(
-        "token",
-        help="print an account's access token (exit 1 if unavailable, 2 if unknown)",
-    )
-    token.add_argument("account", metavar="ACCOUNT")
-    add_socket_args(token)
-    token.add_argument(
-        "--min-valid",
-        type=_seconds_arg,
-        default=0.0,
-        metavar="SECONDS",
-        help="wait (bounded) for a token valid at least this much longer (default 0)",
-    )
-    token.add_argument(
-        "--json",
-        action="store_true",
-        help="print access_token, token_type, expires_at, expires_in and scope as JSON",
-    )
-    token.set_defaults(func=_cmd_token)
-
-    status = commands.add_parser("status", help="show every account's state")
-    add_socket_args(status)
-    status.set_defaults(func=_cmd_status)
+    for add in COMMANDS:
+        add(commands)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""For applications: read access tokens from tokend's unix socket.
+"""For applications: read access tokens from tokend's unix socket or its token files.
 
 ::
 
@@ -6,39 +6,78 @@
 
     token = get_token("alice", socket_path="/run/tokend/tokend.sock", min_valid=30)
     client = httpx.Client(auth=TokendAuth("alice", "/run/tokend/tokend.sock"))
+    session.auth = TokendRequestsAuth("alice", "/run/tokend/tokend.sock")  # requests
 
-:func:`get_token` and friends use the standard library only (``http.client`` over
-``AF_UNIX``). Each call asks tokend with ``min_valid`` (default 0): when tokend holds
-no token valid that much longer, it refreshes (at most once per account per
-``serve.force_refresh_interval``) and waits up to ``serve.request_wait_max`` before
-answering. The socket path defaults to ``$TOKEND_SOCKET``, else ``./run/tokend.sock``.
+This module uses the standard library only, and imports nothing from the rest of
+tokend: importing it costs an application a few milliseconds, and it is also
+distributed on its own as ``tokend-client`` (module ``tokend_client``).
+:class:`TokendAuth` imports httpx and :class:`TokendRequestsAuth` imports requests,
+each on first use.
 
-The ``tokend token`` and ``tokend status`` commands are built on the same calls
-(:func:`token_command`, :func:`status_command`).
+**Where tokens come from.** By default from the socket: ``socket_path``, else
+``$TOKEND_SOCKET``, else ``./run/tokend.sock``. Each request carries ``min_valid``
+(default 0): when tokend holds no token valid that much longer, it refreshes (at most
+once per account per ``serve.force_refresh_interval``) and waits up to
+``serve.request_wait_max`` before answering. With ``token_dir`` (or
+``$TOKEND_TOKEN_DIR`` when no socket is named), tokens are read from
+``TOKEN_DIR/ACCOUNT/token.json`` instead, which needs no socket but cannot ask for a
+refresh.
 
-Nothing here puts a token into an exception or an error message.
+**Caching.** A token is kept in the process and handed out again, without asking
+tokend, while it stays valid for ``min_valid`` plus a margin: half the validity it had
+when it was fetched, at most 60 s. tokend refreshes well before that point, so the
+next ask gets the new token. :func:`force_refresh` replaces the cached token;
+``cache=False`` always asks.
+
+Nothing here puts a token into an exception, a message or a ``repr``.
 """
 
 from __future__ import annotations
 
-import http.client
+import json
 import os
 import socket
-import sys
+import threading
 import time
-from collections.abc import AsyncGenerator, Generator, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, TextIO
-from urllib.parse import quote
 
-import httpx
-import orjson
+# Imports for annotations only: typing, dataclasses, pathlib and urllib would double
+# what this module costs to import.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from typing import Any, TypeAlias
+
+    PathArg: TypeAlias = str | os.PathLike[str] | None
+
+__all__ = [
+    "DEFAULT_SOCKET",
+    "SOCKET_ENV_VAR",
+    "TOKEN_DIR_ENV_VAR",
+    "Forbidden",
+    "Token",
+    "TokenUnavailable",
+    "TokendError",
+    "TokendUnreachable",
+    "UnknownAccount",
+    "clear_cache",
+    "default_socket_path",
+    "force_refresh",
+    "get_token",
+    "get_token_info",
+    "list_accounts",
+    "read_token_file",
+]
 
 SOCKET_ENV_VAR = "TOKEND_SOCKET"
-DEFAULT_SOCKET = Path("run/tokend.sock")
+TOKEN_DIR_ENV_VAR = "TOKEND_TOKEN_DIR"
+DEFAULT_SOCKET = "run/tokend.sock"
 # Longer than the server's default request_wait_max (10 s), so its answer arrives.
 DEFAULT_TIMEOUT = 30.0
+# The longest a cached token is kept past the point where tokend would be asked again.
+CACHE_MARGIN_MAX = 60.0
+# /v1/accounts for 100,000 accounts is ~25 MB; anything far beyond is not tokend.
+_MAX_BODY = 256 * 1024 * 1024
+_MAX_HEAD = 64 * 1024
 
 
 class TokendError(Exception):
@@ -78,13 +117,38 @@ class Forbidden(TokendError):
     """This process's uid/gid may not read the account's token (403)."""
 
 
-@dataclass(frozen=True, slots=True)
 class Token:
-    access_token: str = field(repr=False)
-    token_type: str
-    expires_at: int
-    expires_in: int
-    scope: str | None
+    """An access token as tokend hands it out (its ``repr`` leaves the token out)."""
+
+    __slots__ = ("access_token", "expires_at", "expires_in", "fetched_at", "scope", "token_type")
+
+    def __init__(
+        self,
+        access_token: str,
+        token_type: str,
+        expires_at: int,
+        expires_in: int,
+        scope: str | None,
+        fetched_at: float = 0.0,
+    ) -> None:
+        self.access_token = access_token
+        self.token_type = token_type
+        self.expires_at = expires_at
+        self.expires_in = expires_in
+        self.scope = scope
+        # When this process received it (time.time()); 0 when unknown.
+        self.fetched_at = fetched_at
+
+    def __repr__(self) -> str:
+        return (
+            f"Token(token_type={self.token_type!r}, expires_at={self.expires_at!r}, "
+            f"expires_in={self.expires_in!r}, scope={self.scope!r})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Token):
+            return NotImplemented
+        return self.as_dict() == other.as_dict()
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -95,11 +159,18 @@ class Token:
             "scope": self.scope,
         }
 
+    @property
+    def authorization(self) -> str:
+        """The ``Authorization`` header value for this token."""
+        # RFC 6750 names the scheme "Bearer"; IdPs often send token_type in lower case.
+        scheme = "Bearer" if self.token_type.lower() == "bearer" else self.token_type
+        return f"{scheme} {self.access_token}"
 
-def default_socket_path(environ: Mapping[str, str] | None = None) -> Path:
-    """``$TOKEND_SOCKET`` if set, else ``./run/tokend.sock``."""
+
+def default_socket_path(environ: Mapping[str, str] | None = None) -> str:
+    """``$TOKEND_SOCKET`` if set, else ``run/tokend.sock``."""
     env = os.environ if environ is None else environ
-    return Path(env[SOCKET_ENV_VAR]) if env.get(SOCKET_ENV_VAR) else DEFAULT_SOCKET
+    return env.get(SOCKET_ENV_VAR) or DEFAULT_SOCKET
 
 
 # -- the library -------------------------------------------------------------------------
@@ -107,84 +178,161 @@ def default_socket_path(environ: Mapping[str, str] | None = None) -> Path:
 
 def get_token(
     account: str,
-    socket_path: str | os.PathLike[str] | None = None,
+    socket_path: PathArg = None,
     min_valid: float = 0,
     *,
+    token_dir: PathArg = None,
     timeout: float = DEFAULT_TIMEOUT,
+    cache: bool = True,
 ) -> str:
     """The access token of ``account``, valid at least ``min_valid`` more seconds.
 
     Raises :class:`TokenUnavailable`, :class:`UnknownAccount`, :class:`Forbidden` or
     :class:`TokendUnreachable` (all :class:`TokendError`)."""
-    return get_token_info(account, socket_path, min_valid, timeout=timeout).access_token
+    return get_token_info(
+        account, socket_path, min_valid, token_dir=token_dir, timeout=timeout, cache=cache
+    ).access_token
 
 
 def get_token_info(
     account: str,
-    socket_path: str | os.PathLike[str] | None = None,
+    socket_path: PathArg = None,
     min_valid: float = 0,
     *,
+    token_dir: PathArg = None,
     timeout: float = DEFAULT_TIMEOUT,
+    cache: bool = True,
 ) -> Token:
     """Like :func:`get_token`, with the token's type, expiry and scope."""
-    target = f"/v1/tokens/{_quote(account)}?min_valid={_seconds(min_valid)}"
-    status, body = _request(_socket(socket_path), "GET", target, timeout)
-    return _token_or_raise(account, status, body)
+    seconds = _seconds(min_valid)
+    directory = _token_dir(socket_path, token_dir)
+    key = ("file:" + directory, account) if directory else (_socket(socket_path), account)
+    if cache and (cached := _cached(key, min_valid)) is not None:
+        return cached
+    if directory:
+        token = read_token_file(account, directory)
+        if token.expires_at - time.time() < min_valid:
+            raise TokenUnavailable(
+                f"account {account!r}: the token file's token is valid for less than "
+                f"{seconds}s (token files cannot ask for a refresh; use the socket)",
+                status=None,
+                error="token_unavailable",
+            )
+    else:
+        target = f"/v1/tokens/{_quote(account)}?min_valid={seconds}"
+        status, body = _request(key[0], "GET", target, timeout)
+        token = _token_or_raise(account, status, body)
+    _remember(key, token)
+    return token
+
+
+def read_token_file(account: str, token_dir: str | os.PathLike[str]) -> Token:
+    """The token in ``TOKEN_DIR/ACCOUNT/token.json`` (never cached).
+
+    Raises :class:`TokenUnavailable` when there is no such file (an unknown account,
+    or one that never had a token), or it says the token expired, or is unreadable."""
+    path = os.path.join(token_dir, account, "token.json")
+    try:
+        with open(path, "rb") as file:
+            data = json.loads(file.read())
+    except FileNotFoundError:
+        raise TokenUnavailable(
+            f"account {account!r}: no token file at {path} (no such account, or no token yet)"
+        ) from None
+    except (OSError, ValueError) as exc:
+        # The decode error's text can quote the file's content: name its type only.
+        raise TokenUnavailable(
+            f"account {account!r}: cannot read {path}: {type(exc).__name__}"
+        ) from None
+    if not isinstance(data, dict) or not isinstance(data.get("access_token"), str):
+        raise TokenUnavailable(
+            f"account {account!r}: {path} holds no valid token (it expired, or no refresh "
+            "succeeded yet)",
+            error="token_unavailable",
+        )
+    try:
+        token = _token_from(data)
+    except (KeyError, TypeError, ValueError):
+        raise TokenUnavailable(f"account {account!r}: {path} is not a token file") from None
+    if token.expires_at <= time.time():
+        raise TokenUnavailable(f"account {account!r}: the token in {path} has expired")
+    return token
 
 
 def force_refresh(
     account: str,
-    socket_path: str | os.PathLike[str] | None = None,
+    socket_path: PathArg = None,
     *,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> Token:
     """Ask tokend to refresh ``account`` now (the current token was rejected) and
-    return the new token. Within ``serve.force_refresh_interval`` of the previous
-    forced refresh, tokend refuses (:class:`TokenUnavailable` with status 429): the
-    token it holds is then most likely already the new one."""
-    status, body = _request(
-        _socket(socket_path), "POST", f"/v1/tokens/{_quote(account)}/refresh", timeout
-    )
-    return _token_or_raise(account, status, body)
+    return the new token, which also replaces the cached one. Within
+    ``serve.force_refresh_interval`` of the previous forced refresh, tokend refuses
+    (:class:`TokenUnavailable` with status 429): the token it holds is then most likely
+    already the new one."""
+    path = _socket(socket_path)
+    status, body = _request(path, "POST", f"/v1/tokens/{_quote(account)}/refresh", timeout)
+    token = _token_or_raise(account, status, body)
+    _remember((path, account), token)
+    return token
 
 
 def list_accounts(
-    socket_path: str | os.PathLike[str] | None = None, *, timeout: float = DEFAULT_TIMEOUT
+    socket_path: PathArg = None, *, timeout: float = DEFAULT_TIMEOUT
 ) -> list[dict[str, Any]]:
     """Every account's state as tokend reports it (``GET /v1/accounts``); no tokens."""
     status, body = _request(_socket(socket_path), "GET", "/v1/accounts", timeout)
     if status != 200:
         raise _error_for("accounts", status, body)
-    accounts: list[dict[str, Any]] = orjson.loads(body)["accounts"]
+    accounts: list[dict[str, Any]] = json.loads(body)["accounts"]
     return accounts
 
 
-class TokendAuth(httpx.Auth):
-    """``httpx`` authentication with ``account``'s token from tokend.
+def clear_cache() -> None:
+    """Forget every cached token."""
+    with _cache_lock:
+        _cache.clear()
 
-    Adds ``Authorization: <token_type> <token>`` to each request. When the server
-    answers 401, asks tokend for a refresh once and retries with the new token; if
-    tokend has no newer token (or refuses), the 401 response is returned as it is.
-    Works with ``httpx.Client`` and ``httpx.AsyncClient`` (the socket call then runs
-    in a worker thread)."""
 
-    def __init__(
-        self,
-        account: str,
-        socket_path: str | os.PathLike[str] | None = None,
-        *,
-        min_valid: float = 0,
-        timeout: float = DEFAULT_TIMEOUT,
-    ) -> None:
+# -- the cache --------------------------------------------------------------------------------
+
+_cache: dict[tuple[str, str], Token] = {}
+_cache_lock = threading.Lock()
+
+
+def _cached(key: tuple[str, str], min_valid: float) -> Token | None:
+    with _cache_lock:
+        token = _cache.get(key)
+    if token is None:
+        return None
+    now = time.time()
+    margin = min(CACHE_MARGIN_MAX, max(0.0, token.expires_at - token.fetched_at) / 2)
+    return token if token.expires_at - now >= min_valid + margin else None
+
+
+def _remember(key: tuple[str, str], token: Token) -> None:
+    with _cache_lock:
+        _cache[key] = token
+
+
+# -- HTTP authentication ----------------------------------------------------------------------
+
+
+class _Credentials:
+    """An account's token for an HTTP client, and a replacement after a 401."""
+
+    def __init__(self, account: str, socket_path: PathArg, min_valid: float, timeout: float):
         self.account = account
         self.socket_path = _socket(socket_path)
         self.min_valid = min_valid
         self.timeout = timeout
 
-    def _current(self) -> Token:
-        return get_token_info(self.account, self.socket_path, self.min_valid, timeout=self.timeout)
+    def current(self, *, cache: bool = True) -> Token:
+        return get_token_info(
+            self.account, self.socket_path, self.min_valid, timeout=self.timeout, cache=cache
+        )
 
-    def _replacement(self, rejected: Token) -> Token | None:
+    def replacement(self, rejected: Token) -> Token | None:
         """A token other than ``rejected``, if tokend has or can get one."""
         try:
             candidate = force_refresh(self.account, self.socket_path, timeout=self.timeout)
@@ -193,7 +341,7 @@ class TokendAuth(httpx.Auth):
                 return None
             # Refused as too soon after another refresh: that one's token may be new.
             try:
-                candidate = self._current()
+                candidate = self.current(cache=False)
             except TokendError:
                 return None
         except TokendError:
@@ -201,67 +349,164 @@ class TokendAuth(httpx.Auth):
         # Some IdPs hand out the same access token again: retrying it would only fail.
         return candidate if candidate.access_token != rejected.access_token else None
 
-    def sync_auth_flow(
-        self, request: httpx.Request
-    ) -> Generator[httpx.Request, httpx.Response, None]:
-        # Read the body up front, so the request can be sent again after a 401.
-        request.read()
-        token = self._current()
-        _authorize(request, token)
-        response = yield request
-        if response.status_code == 401:
-            replacement = self._replacement(token)
-            if replacement is not None:
-                _authorize(request, replacement)
-                yield request
 
-    async def async_auth_flow(
-        self, request: httpx.Request
-    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
-        import anyio.to_thread
+def _define_httpx_auth() -> type:
+    import httpx
 
-        await request.aread()
-        token = await anyio.to_thread.run_sync(self._current)
-        _authorize(request, token)
-        response = yield request
-        if response.status_code == 401:
-            replacement = await anyio.to_thread.run_sync(self._replacement, token)
-            if replacement is not None:
-                _authorize(request, replacement)
-                yield request
+    class TokendAuth(httpx.Auth):
+        """``httpx`` authentication with ``account``'s token from tokend.
+
+        Adds ``Authorization: <token_type> <token>`` to each request. When the server
+        answers 401, asks tokend for a refresh once and retries with the new token; if
+        tokend has no newer token (or refuses), the 401 response is returned as it is.
+        Works with ``httpx.Client`` and ``httpx.AsyncClient`` (the socket call then
+        runs in a worker thread)."""
+
+        def __init__(
+            self,
+            account: str,
+            socket_path: PathArg = None,
+            *,
+            min_valid: float = 0,
+            timeout: float = DEFAULT_TIMEOUT,
+        ) -> None:
+            self._credentials = _Credentials(account, socket_path, min_valid, timeout)
+            self.account = account
+            self.socket_path = self._credentials.socket_path
+
+        def _replacement(self, rejected: Token) -> Token | None:
+            return self._credentials.replacement(rejected)
+
+        def sync_auth_flow(self, request: httpx.Request) -> Any:
+            # Read the body up front, so the request can be sent again after a 401.
+            request.read()
+            token = self._credentials.current()
+            request.headers["Authorization"] = token.authorization
+            response = yield request
+            if response.status_code == 401:
+                replacement = self._replacement(token)
+                if replacement is not None:
+                    request.headers["Authorization"] = replacement.authorization
+                    yield request
+
+        async def async_auth_flow(self, request: httpx.Request) -> Any:
+            import anyio.to_thread
+
+            await request.aread()
+            token = await anyio.to_thread.run_sync(self._credentials.current)
+            request.headers["Authorization"] = token.authorization
+            response = yield request
+            if response.status_code == 401:
+                replacement = await anyio.to_thread.run_sync(self._replacement, token)
+                if replacement is not None:
+                    request.headers["Authorization"] = replacement.authorization
+                    yield request
+
+    return TokendAuth
 
 
-def _authorize(request: httpx.Request, token: Token) -> None:
-    # RFC 6750 names the scheme "Bearer"; IdPs often send token_type in lower case.
-    scheme = "Bearer" if token.token_type.lower() == "bearer" else token.token_type
-    request.headers["Authorization"] = f"{scheme} {token.access_token}"
+def _define_requests_auth() -> type:
+    import requests
+    import requests.auth
+
+    class TokendRequestsAuth(requests.auth.AuthBase):
+        """``requests`` authentication with ``account``'s token from tokend
+        (``session.auth = TokendRequestsAuth("alice")``).
+
+        Adds the ``Authorization`` header; on a 401, asks tokend for a refresh once
+        and sends the request again with the new token (when its body can be sent
+        again: bytes, or a file that can seek). Otherwise the 401 is returned."""
+
+        def __init__(
+            self,
+            account: str,
+            socket_path: PathArg = None,
+            *,
+            min_valid: float = 0,
+            timeout: float = DEFAULT_TIMEOUT,
+        ) -> None:
+            self._credentials = _Credentials(account, socket_path, min_valid, timeout)
+            self.account = account
+            self.socket_path = self._credentials.socket_path
+
+        def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+            token = self._credentials.current()
+            request.headers["Authorization"] = token.authorization
+            # A file body is sent again from where it started; bytes are simply resent.
+            body: Any = request.body
+            position = body.tell() if hasattr(body, "tell") and hasattr(body, "seek") else None
+            hooks: Any = request
+            hooks.register_hook("response", self._retry_once(token, position))
+            return request
+
+        def _retry_once(
+            self, token: Token, position: int | None
+        ) -> Callable[..., requests.Response]:
+            def on_response(response: requests.Response, **kwargs: Any) -> requests.Response:
+                sent = response.request
+                body: Any = sent.body
+                if response.status_code != 401:
+                    return response
+                if body is not None and not isinstance(body, bytes | str) and position is None:
+                    return response  # a stream that cannot be sent again
+                replacement = self._credentials.replacement(token)
+                if replacement is None:
+                    return response
+                response.content  # noqa: B018 - read it, so the connection can be reused
+                response.close()
+                again = sent.copy()
+                if position is not None:
+                    body.seek(position)
+                again.headers["Authorization"] = replacement.authorization
+                retried: requests.Response = response.connection.send(again, **kwargs)
+                retried.history.append(response)
+                retried.request = again
+                return retried
+
+            return on_response
+
+    return TokendRequestsAuth
+
+
+_LAZY: dict[str, Callable[[], type]] = {
+    "TokendAuth": _define_httpx_auth,
+    "TokendRequestsAuth": _define_requests_auth,
+}
+
+
+def __getattr__(name: str) -> Any:
+    # The HTTP client libraries are imported only by applications that use them.
+    define = _LAZY.get(name)
+    if define is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    cls = define()
+    globals()[name] = cls
+    return cls
 
 
 # -- the wire ---------------------------------------------------------------------------------
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self._path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
+def _socket(path: PathArg) -> str:
+    return os.fspath(path) if path is not None else default_socket_path()
 
 
-def _socket(path: str | os.PathLike[str] | None) -> str:
-    return os.fspath(path) if path is not None else os.fspath(default_socket_path())
+def _token_dir(socket_path: PathArg, token_dir: PathArg) -> str | None:
+    if token_dir is not None:
+        return os.fspath(token_dir)
+    if socket_path is None and not os.environ.get(SOCKET_ENV_VAR):
+        return os.environ.get(TOKEN_DIR_ENV_VAR) or None
+    return None
+
+
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
 
 def _quote(account: str) -> str:
-    return quote(account, safe="")
+    """``account`` as one URL path segment (percent-encoded UTF-8)."""
+    return "".join(
+        chr(b) if b in _UNRESERVED else f"%{b:02X}" for b in account.encode("utf-8", "replace")
+    )
 
 
 def _seconds(value: float) -> str:
@@ -271,11 +516,9 @@ def _seconds(value: float) -> str:
 
 
 def _request(path: str, method: str, target: str, timeout: float) -> tuple[int, bytes]:
-    conn = _UnixHTTPConnection(path, timeout)
+    """One HTTP/1.1 exchange over the unix socket at ``path``: (status, body)."""
     try:
-        conn.request(method, target, headers={"Accept": "application/json"})
-        response = conn.getresponse()
-        return response.status, response.read()
+        return _exchange(path, method, target, timeout)
     except (FileNotFoundError, ConnectionRefusedError):
         raise TokendUnreachable(
             f"tokend is not running at {path} (no socket, or nobody listening on it)"
@@ -287,31 +530,77 @@ def _request(path: str, method: str, target: str, timeout: float) -> tuple[int, 
         ) from None
     except TimeoutError:
         raise TokendUnreachable(f"no answer from tokend at {path} within {timeout:g}s") from None
-    except (OSError, http.client.HTTPException) as exc:
+    except (OSError, ValueError) as exc:
         raise TokendUnreachable(
             f"talking to tokend at {path} failed: {type(exc).__name__}"
         ) from None
-    finally:
-        conn.close()
+
+
+def _exchange(path: str, method: str, target: str, timeout: float) -> tuple[int, bytes]:
+    # A small client of its own: http.client would cost an import of email and ssl.
+    deadline = time.monotonic() + timeout
+    lines = [f"{method} {target} HTTP/1.1", "Host: tokend", "Accept: application/json"]
+    if method == "POST":
+        lines.append("Content-Length: 0")
+    request = ("\r\n".join([*lines, "Connection: close", "", ""])).encode()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(request)
+        buffer = bytearray()
+        while (end := buffer.find(b"\r\n\r\n")) < 0:
+            if len(buffer) > _MAX_HEAD:
+                raise ValueError("response head too large")
+            buffer += _receive(sock, deadline)
+        head = bytes(buffer[:end]).decode("latin-1").split("\r\n")
+        parts = head[0].split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+            raise ValueError("not an HTTP response")
+        length = None
+        for line in head[1:]:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-length":
+                length = int(value.strip())
+        if length is None or not 0 <= length <= _MAX_BODY:
+            raise ValueError("response without a usable Content-Length")
+        body = buffer[end + 4 :]
+        while len(body) < length:
+            body += _receive(sock, deadline)
+        return int(parts[1]), bytes(body[:length])
+
+
+def _receive(sock: socket.socket, deadline: float) -> bytes:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError
+    sock.settimeout(remaining)
+    chunk = sock.recv(65536)
+    if not chunk:
+        raise ConnectionResetError("tokend closed the connection mid-response")
+    return chunk
+
+
+def _token_from(data: Mapping[str, Any]) -> Token:
+    return Token(
+        access_token=str(data["access_token"]),
+        token_type=str(data["token_type"]),
+        expires_at=int(data["expires_at"]),
+        expires_in=int(data["expires_in"]),
+        scope=data.get("scope"),
+        fetched_at=time.time(),
+    )
 
 
 def _token_or_raise(account: str, status: int, body: bytes) -> Token:
     if status != 200:
         raise _error_for(account, status, body)
-    data = orjson.loads(body)
-    return Token(
-        access_token=data["access_token"],
-        token_type=data["token_type"],
-        expires_at=data["expires_at"],
-        expires_in=data["expires_in"],
-        scope=data.get("scope"),
-    )
+    return _token_from(json.loads(body))
 
 
 def _error_for(subject: str, status: int, body: bytes) -> TokendError:
     try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
+        data = json.loads(body)
+    except ValueError:
         data = {}
     if not isinstance(data, dict):
         data = {}
@@ -343,176 +632,3 @@ def _error_for(subject: str, status: int, body: bytes) -> TokendError:
             f"account {subject!r}: no valid token (state {state}){why}", **fields
         )
     return TokendError(f"{subject}: tokend answered {status} {error or ''}".rstrip(), **fields)
-
-
-# -- the commands (tokend token, tokend status) ---------------------------------------------
-
-
-def resolve_socket_path(
-    socket_arg: str | None,
-    config_arg: str | None,
-    environ: Mapping[str, str] | None = None,
-) -> Path:
-    """Which socket the commands talk to: ``--socket``; else ``serve.socket`` of the
-    config file (``-c``, else ``$TOKEND_CONFIG``, else ``./config.yaml`` if it exists);
-    else ``$TOKEND_SOCKET``; else ``./run/tokend.sock``.
-
-    Raises :class:`ValueError` (with a one-line message) when a config file that is
-    named or found cannot be loaded, or sets no socket."""
-    env = os.environ if environ is None else environ
-    if socket_arg:
-        return Path(socket_arg)
-    from tokend.config import ConfigError, load_config, resolve_config_path
-
-    config_path = resolve_config_path(config_arg, env)
-    named = bool(config_arg or env.get("TOKEND_CONFIG"))
-    if named or config_path.exists():
-        try:
-            config = load_config(config_path, environ=env)
-        except ConfigError as exc:
-            first = exc.errors[0] if exc.errors else "invalid"
-            raise ValueError(
-                f"{config_path}: cannot read serve.socket ({first}); pass --socket PATH"
-            ) from None
-        if config.serve.socket is None:
-            raise ValueError(f"{config_path}: serve.socket is not set; pass --socket PATH")
-        return config.serve.socket
-    return default_socket_path(env)
-
-
-# Exit codes of the commands.
-EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE = 0, 1, 2
-
-
-def token_command(
-    account: str,
-    *,
-    socket_arg: str | None,
-    config_arg: str | None,
-    min_valid: float,
-    as_json: bool,
-    out: TextIO | None = None,
-    err: TextIO | None = None,
-) -> int:
-    """``tokend token``: the raw token (or its JSON) on stdout; one line on stderr and
-    exit 1 when it is unavailable, 2 for usage errors, unknown accounts and refusals."""
-    out = out or sys.stdout
-    err = err or sys.stderr
-    path = _socket_or_report(socket_arg, config_arg, err)
-    if path is None:
-        return EXIT_USAGE
-    try:
-        token = get_token_info(account, path, min_valid)
-    except (UnknownAccount, Forbidden) as exc:
-        print(f"tokend: {exc}", file=err)
-        return EXIT_USAGE
-    except TokendError as exc:
-        print(f"tokend: {exc}", file=err)
-        return EXIT_UNAVAILABLE
-    if as_json:
-        out.write(orjson.dumps(token.as_dict()).decode() + "\n")
-    else:
-        out.write(token.access_token + "\n")
-    return EXIT_OK
-
-
-def _socket_or_report(socket_arg: str | None, config_arg: str | None, err: TextIO) -> Path | None:
-    """The socket to use, or None after saying on ``err`` why there is none."""
-    try:
-        return resolve_socket_path(socket_arg, config_arg)
-    except ValueError as exc:
-        print(f"tokend: {exc}", file=err)
-        return None
-
-
-def status_command(
-    *,
-    socket_arg: str | None,
-    config_arg: str | None,
-    out: TextIO | None = None,
-    err: TextIO | None = None,
-) -> int:
-    """``tokend status``: a table of every account's state; exit 1 if tokend cannot be
-    reached."""
-    out = out or sys.stdout
-    err = err or sys.stderr
-    path = _socket_or_report(socket_arg, config_arg, err)
-    if path is None:
-        return EXIT_USAGE
-    try:
-        accounts = list_accounts(path)
-    except TokendError as exc:
-        print(f"tokend: {exc}", file=err)
-        return EXIT_UNAVAILABLE
-    out.write(format_status(accounts, time.time()))
-    return EXIT_OK
-
-
-_LAST_ERROR_WIDTH = 60
-
-
-def format_status(accounts: list[dict[str, Any]], now: float) -> str:
-    """The ``tokend status`` table."""
-    header = (
-        "ACCOUNT",
-        "PROVIDER",
-        "STATE",
-        "EXPIRES IN",
-        "LAST REFRESH",
-        "NEXT REFRESH",
-        "LAST ERROR",
-    )
-    rows = [header]
-    for a in accounts:
-        expires_at = a.get("expires_at")
-        rows.append(
-            (
-                str(a.get("name", "")),
-                str(a.get("provider", "")),
-                str(a.get("state", "")),
-                _expires_in(expires_at, now),
-                _ago(a.get("last_refresh_at"), now),
-                _until(a.get("next_refresh_at"), now),
-                _truncate(a.get("last_error") or "-", _LAST_ERROR_WIDTH),
-            )
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
-    lines = []
-    for row in rows:
-        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
-        lines.append("  ".join([*cells, row[-1]]).rstrip())
-    return "\n".join(lines) + "\n"
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    if seconds < 86400:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
-
-
-def _expires_in(ts: float | None, now: float) -> str:
-    if ts is None:
-        return "-"
-    if ts <= now:
-        return f"expired {_duration(now - ts)} ago"
-    return _duration(ts - now)
-
-
-def _ago(ts: float | None, now: float) -> str:
-    return "-" if ts is None else f"{_duration(max(0.0, now - ts))} ago"
-
-
-def _until(ts: float | None, now: float) -> str:
-    if ts is None:
-        return "-"
-    return "now" if ts <= now else f"in {_duration(ts - now)}"
-
-
-def _truncate(text: str, width: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 3] + "..."
