@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
+from tests.etcd_cluster import EtcdCluster
 from tests.idp_harness import IdP, default_clients, make_test_keys
 
 T = TypeVar("T")
@@ -51,6 +52,27 @@ def idp(tmp_path_factory: pytest.TempPathFactory, idp_keys: dict[str, Any]) -> I
     )
     with server.start():
         yield server
+
+
+@pytest.fixture(scope="session")
+def etcd_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    """A real 3-member etcd cluster on loopback for the session (tests that kill
+    members restart them; each test uses its own key prefix)."""
+    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd"))
+    try:
+        cluster.start_all()
+        yield cluster
+    finally:
+        cluster.stop_all()
+
+
+@pytest.fixture
+def etcd(etcd_cluster: EtcdCluster) -> EtcdCluster:
+    """The session cluster with every member running and healthy."""
+    for member in etcd_cluster.members:
+        etcd_cluster.start(member, wait=False)
+    etcd_cluster.wait_healthy()
+    return etcd_cluster
 
 
 @pytest.fixture

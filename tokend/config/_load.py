@@ -31,6 +31,7 @@ from tokend._gc import paused_gc
 from tokend.config._schema import (
     AccountConfig,
     Config,
+    StateConfig,
     _check_name,
     unknown_provider_message,
 )
@@ -61,6 +62,11 @@ _REFERENCE_BODY = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?", re.DOTALL)
 # whether each names a secret file that must be readable at load time.
 _PATH_KEYS: tuple[tuple[tuple[str, ...], bool], ...] = (
     (("state", "path"), False),
+    (("state", "encryption_key_file"), True),
+    (("state", "password_file"), True),
+    (("state", "tls", "ca_file"), True),
+    (("state", "tls", "cert_file"), True),
+    (("state", "tls", "key_file"), True),
     (("serve", "socket"), False),
     (("serve", "token_dir"), False),
     (("providers", "*", "client_secret_file"), True),
@@ -244,7 +250,7 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     accounts = {name: _resolve_account(account, base) for name, account in config.accounts.items()}
     return config.model_copy(
         update={
-            "state": config.state.model_copy(update={"path": _under(base, config.state.path)}),
+            "state": _resolve_state(config.state, base),
             "serve": serve.model_copy(
                 update={
                     key: _under(base, value)
@@ -256,6 +262,23 @@ def _resolve_paths(config: Config, base: Path) -> Config:
             "accounts": accounts,
         }
     )
+
+
+def _resolve_state(state: StateConfig, base: Path) -> StateConfig:
+    files = {
+        key: _under(base, value)
+        for key in ("encryption_key_file", "password_file")
+        if (value := getattr(state, key)) is not None
+    }
+    tls = state.tls
+    if tls is not None:
+        tls_files = {
+            key: _under(base, value)
+            for key in ("ca_file", "cert_file", "key_file")
+            if (value := getattr(tls, key)) is not None
+        }
+        files["tls"] = tls.model_copy(update=tls_files)  # type: ignore[assignment]
+    return state.model_copy(update={"path": _under(base, state.path), **files})
 
 
 def _os_reason(exc: OSError) -> str:

@@ -98,11 +98,66 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class StateTLSConfig(_Model):
+    """TLS towards etcd: the CA that signed its certificates, a client certificate."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> StateTLSConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (a client certificate)")
+        return self
+
+
 class StateConfig(_Model):
     """Where durable account state lives."""
 
-    backend: Literal["sqlite"] = "sqlite"
+    backend: Literal["sqlite", "etcd"] = "sqlite"
     path: Path = Path("./var/tokend.db")
+    # AES-GCM key for the tokens at rest (32 bytes, raw or base64).
+    encryption_key_file: Path | None = None
+    # backend: etcd (replicas sharing accounts).
+    endpoints: tuple[str, ...] = ()
+    prefix: str = "/tokend/"
+    tls: StateTLSConfig | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    # A replica that stops renewing its lease loses its accounts after this long.
+    lease_ttl: Duration = 5.0
+    # Per request to one etcd member, and per call across all of them.
+    request_timeout: Duration = 0.5
+    call_timeout: Duration = 5.0
+
+    @field_validator("endpoints")
+    @classmethod
+    def _urls(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for url in value:
+            if not re.fullmatch(r"https?://[^\s/]+/?", url):
+                raise ValueError("each endpoint is a URL like http://10.0.0.1:2379")
+        return value
+
+    @model_validator(mode="after")
+    def _etcd_complete(self) -> StateConfig:
+        if self.backend != "etcd":
+            return self
+        if not self.endpoints:
+            raise ValueError("backend etcd needs endpoints (the cluster's client URLs)")
+        if self.encryption_key_file is None:
+            raise ValueError(
+                "backend etcd needs encryption_key_file: refresh tokens leave this host"
+            )
+        if (self.username is None) != (self.password_file is None):
+            raise ValueError("username and password_file go together")
+        if not self.prefix.startswith("/") or not self.prefix.endswith("/"):
+            raise ValueError("prefix starts and ends with '/' (like /tokend/)")
+        if not 2 <= self.lease_ttl <= 300:
+            raise ValueError("lease_ttl is between 2s and 300s")
+        if not 0 < self.request_timeout <= self.call_timeout:
+            raise ValueError("request_timeout is positive and at most call_timeout")
+        return self
 
 
 class ServeConfig(_Model):

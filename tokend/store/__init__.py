@@ -25,4 +25,24 @@ def open_store(config: StateConfig) -> Store:
         from tokend.store.sqlite import SqliteStore
 
         return SqliteStore(config.path)
+    if config.backend == "etcd":
+        from tokend.store.etcd import EtcdSettings, EtcdStore
+
+        assert config.encryption_key_file is not None  # the schema requires it for etcd
+        tls = config.tls
+        return EtcdStore(
+            EtcdSettings(
+                endpoints=config.endpoints,
+                encryption_key_file=config.encryption_key_file,
+                prefix=config.prefix,
+                lease_ttl=config.lease_ttl,
+                request_timeout=config.request_timeout,
+                call_timeout=config.call_timeout,
+                ca_file=tls.ca_file if tls else None,
+                cert_file=tls.cert_file if tls else None,
+                key_file=tls.key_file if tls else None,
+                username=config.username,
+                password_file=config.password_file,
+            )
+        )
     raise ValueError(f"unknown state backend {config.backend!r}")

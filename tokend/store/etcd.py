@@ -1,0 +1,713 @@
+"""The shared backend: accounts in etcd, owned one replica at a time.
+
+Keys under the configured prefix ``P``::
+
+    P members/<replica>   one per live replica, bound to its lease
+    P owners/<account>    the replica that may refresh the account, bound to its lease
+    P accounts/<account>  the account's record, AES-GCM sealed (account name as
+                          associated data), in an envelope naming the writer
+
+Ownership: accounts are spread over the live members by rendezvous hashing (each
+account goes to the member with the highest hash of member and account), so every
+replica computes the same assignment from the membership alone and a join or leave
+moves only the accounts that must move. A replica acquires the owner keys of its
+accounts (create-if-absent, bound to its lease) and gives up those that moved away
+once no refresh of theirs is running. A replica that dies stops renewing its lease;
+etcd deletes its member and owner keys when the lease expires, and the survivors
+acquire its accounts.
+
+Fencing: every write of an existing record is one txn comparing the record's
+mod_revision and the owner key's create_revision as this replica acquired it. A
+replica whose lease expired while it was paused finds its owner keys deleted (or
+recreated by a successor) and can never commit; nothing it does after waking up lands.
+
+The record's version is its mod_revision, so the engine's compare-and-swap and etcd's
+are the same thing. Non-owners keep the records through one watch on the prefix and
+hand them to the engine (``on_record``) so every replica serves every account.
+
+Writes per refresh: the in-flight mark and the commit (2 txns); claim and release
+are answered from memory while the replica holds the owner key.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import math
+import os
+import socket
+import ssl
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import anyio
+import orjson
+
+from tokend.model import StoredAccount, TokenSet
+from tokend.store._base import StoreConflict, StoreError
+from tokend.store._crypto import RecordCipher, StateKeyError, load_key
+from tokend.store._etcd_client import (
+    EtcdClient,
+    EtcdError,
+    KeyValue,
+    LeaseNotFound,
+    WatchCompacted,
+    WatchEvent,
+    compare_create,
+    compare_mod,
+    op_delete,
+    op_put,
+    op_range,
+    prefix_end,
+)
+
+__all__ = ["EtcdSettings", "EtcdStore", "StoreFenced", "rendezvous_owner"]
+
+# Owner keys acquired per txn (etcd allows 128 operations per txn branch by default).
+_ACQUIRE_BATCH: Final = 64
+_ENVELOPE_VERSION: Final = 1
+
+
+class StoreFenced(StoreConflict):
+    """A write was refused because this replica no longer owns the account."""
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdSettings:
+    """What the etcd store needs, taken from ``state:`` in the config."""
+
+    endpoints: Sequence[str]
+    encryption_key_file: Path
+    prefix: str = "/tokend/"
+    lease_ttl: float = 5.0
+    request_timeout: float = 0.5
+    call_timeout: float = 5.0
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    replica_id: str | None = None
+
+
+def rendezvous_owner(account: str, members: Iterable[str]) -> str | None:
+    """The member with the highest hash of (member, account): every replica agrees."""
+    best: tuple[bytes, str] | None = None
+    encoded = account.encode()
+    for member in members:
+        score = hashlib.blake2b(member.encode() + b"\0" + encoded, digest_size=8).digest()
+        if best is None or score > best[0]:
+            best = (score, member)
+    return None if best is None else best[1]
+
+
+def _default_replica_id() -> str:
+    # The host name (a pod name in Kubernetes) reads well in status and logs; the
+    # random part keeps a restarted process apart from its predecessor, whose lease
+    # may still be alive for a few seconds.
+    host = socket.gethostname() or "tokend"
+    return f"{host}-{os.urandom(3).hex()}"
+
+
+@dataclass(slots=True)
+class _Ownership:
+    """What this replica knows about members and owner keys (from the watch)."""
+
+    members: set[str] = field(default_factory=set)
+    # account -> (owning replica, create_revision of the owner key)
+    owners: dict[str, tuple[str, int]] = field(default_factory=dict)
+    # accounts whose owner key this replica holds -> the key's create_revision
+    held: dict[str, int] = field(default_factory=dict)
+    # accounts with a refresh running here (claimed, not released)
+    busy: set[str] = field(default_factory=set)
+    # every account known to exist (records in etcd, or asked about)
+    accounts: set[str] = field(default_factory=set)
+
+
+class EtcdStore:
+    """A :class:`~tokend.store.Store` shared by replicas through etcd (see above)."""
+
+    def __init__(self, settings: EtcdSettings) -> None:
+        self.settings = settings
+        self.replica_id = settings.replica_id or _default_replica_id()
+        prefix = settings.prefix.encode()
+        self._members_prefix = prefix + b"members/"
+        self._owners_prefix = prefix + b"owners/"
+        self._accounts_prefix = prefix + b"accounts/"
+        self._prefix = prefix
+        self._client: EtcdClient | None = None
+        self._cipher: RecordCipher | None = None
+        self._state = _Ownership()
+        self._lease = 0
+        self._lease_ttl = max(2, math.ceil(settings.lease_ttl))
+        # Monotonic time until which the lease is surely alive: the send time of the
+        # last successful keep-alive plus the TTL it reported.
+        self._lease_until = 0.0
+        self._watch_revision = 0
+        self._problem: str | None = "etcd store is not open"
+        self._rebalance_wanted = anyio.Event()
+        self._closing = False
+        # Set by the engine: a record another replica wrote; accounts this replica
+        # has just become the owner of.
+        self.on_record: Callable[[StoredAccount], None] | None = None
+        self.on_acquired: Callable[[list[str]], None] | None = None
+        # Counters for metrics and benchmarks.
+        self.fenced_writes = 0
+        self.takeovers = 0
+
+    def __repr__(self) -> str:
+        return f"EtcdStore({list(self.settings.endpoints)!r}, prefix={self.settings.prefix!r})"
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    @property
+    def client(self) -> EtcdClient:
+        if self._client is None:
+            raise StoreError("etcd store is not open")
+        return self._client
+
+    async def open(self) -> None:
+        """Read the key and credentials, join the cluster's membership, load the
+        ownership map. Fails with one clear StoreError when etcd cannot be reached."""
+        if self._client is not None:
+            return
+        s = self.settings
+        try:
+            self._cipher = RecordCipher(load_key(s.encryption_key_file))
+        except StateKeyError as exc:
+            raise StoreError(str(exc)) from None
+        password = None
+        if s.password_file is not None:
+            try:
+                password = s.password_file.read_text().strip()
+            except OSError as exc:
+                raise StoreError(
+                    f"etcd password file {s.password_file}: cannot read it: {exc.strerror or exc}"
+                ) from None
+        client = EtcdClient(
+            s.endpoints,
+            request_timeout=s.request_timeout,
+            call_timeout=s.call_timeout,
+            ssl_context=_ssl_context(s),
+            username=s.username,
+            password=password,
+        )
+        await client.open()
+        self._client = client
+        try:
+            await self._join()
+            await self._sync()
+        except BaseException:
+            self._client = None
+            await client.close()
+            raise
+
+    async def close(self) -> None:
+        """Give up the lease (so other replicas take over at once), then disconnect."""
+        client, self._closing = self._client, True
+        if client is None:
+            return
+        with anyio.CancelScope(shield=True):
+            if self._lease:
+                # On failure it expires by itself after its TTL.
+                with contextlib.suppress(EtcdError):
+                    await client.lease_revoke(self._lease, budget=2.0)
+            self._state.held.clear()
+            self._client = None
+            await client.close()
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The store's background work: keep the lease alive, follow the watch,
+        rebalance ownership. Runs until cancelled."""
+        async with anyio.create_task_group() as group:
+            group.start_soon(self._keepalive_loop)
+            group.start_soon(self._watch_loop)
+            group.start_soon(self._rebalance_loop)
+            task_status.started()
+
+    # -- Store protocol: reads -------------------------------------------------------
+
+    async def load_all(self) -> dict[str, StoredAccount]:
+        kvs, _ = await self.client.range_all(self._accounts_prefix)
+        records = {}
+        for kv in kvs:
+            record = self._decode(kv)
+            if record is not None:
+                records[record.account] = record
+                self._state.accounts.add(record.account)
+        return records
+
+    async def load(self, account: str) -> StoredAccount | None:
+        result = await self.client.range(self._record_key(account))
+        self._state.accounts.add(account)
+        return self._decode(result.kvs[0]) if result.kvs else None
+
+    # -- Store protocol: writes ------------------------------------------------------
+
+    async def put(self, record: StoredAccount) -> StoredAccount:
+        """Write ``record`` if its version is the stored mod_revision and this replica
+        still holds the account's owner key (a first write only needs the key absent)."""
+        account = record.account
+        key = self._record_key(account)
+        owner_key = self._owner_key(account)
+        sealed = self._encode(record)
+        first = record.version == 0
+        compare = [compare_create(key, 0) if first else compare_mod(key, record.version)]
+        held = self._state.held.get(account)
+        if held is not None:
+            compare.append(compare_create(owner_key, held))
+        elif record.version != 0:
+            self.fenced_writes += 1
+            raise StoreFenced(
+                f"etcd store: write of {account!r} refused: this replica does not own it"
+            )
+        self._state.accounts.add(account)
+        result = await self.client.txn(
+            compare, [op_put(key, sealed)], [op_range(key), op_range(owner_key)]
+        )
+        if result.succeeded:
+            return record.evolve(version=result.revision)
+        current, owner = result.ranges[0], result.ranges[1]
+        if current and current[0].value == sealed:
+            # An earlier attempt of this same call timed out after committing.
+            return record.evolve(version=current[0].mod_revision)
+        if held is not None and (not owner or owner[0].create_revision != held):
+            self._lose(account, held)
+            self.fenced_writes += 1
+            raise StoreFenced(
+                f"etcd store: write of {account!r} refused: ownership moved to "
+                f"{_owner_name(owner)} (this replica's lease expired or it was rebalanced)"
+            )
+        found = f"stored version is {current[0].mod_revision}" if current else "no stored record"
+        raise StoreConflict(
+            f"put of {account!r} lost a compare-and-swap: the write replaces version "
+            f"{record.version} but {found}; reload and retry"
+        )
+
+    async def delete(self, account: str) -> None:
+        await self.client.txn(
+            [], [op_delete(self._record_key(account)), op_delete(self._owner_key(account))]
+        )
+        self._state.accounts.discard(account)
+        self._state.held.pop(account, None)
+
+    # -- Store protocol: ownership ---------------------------------------------------
+
+    async def claim(self, account: str, owner: str, ttl: float) -> bool:
+        """True if this replica owns ``account`` now (acquiring it if it is this
+        replica's by rendezvous and free) and its lease has time left."""
+        st = self._state
+        st.accounts.add(account)
+        if not self._lease_usable():
+            return False
+        if account not in st.held:
+            if rendezvous_owner(account, st.members) != self.replica_id:
+                return False
+            if account in st.owners:
+                return False
+            if not await self._acquire([account]):
+                return False
+        st.busy.add(account)
+        return True
+
+    async def release(self, account: str, owner: str) -> None:
+        st = self._state
+        st.busy.discard(account)
+        if account in st.held and rendezvous_owner(account, st.members) != self.replica_id:
+            self._rebalance_wanted.set()
+
+    def owns(self, account: str) -> bool:
+        return account in self._state.held
+
+    def owner_of(self, account: str) -> str | None:
+        entry = self._state.owners.get(account)
+        return None if entry is None else entry[0]
+
+    @property
+    def members(self) -> frozenset[str]:
+        return frozenset(self._state.members)
+
+    @property
+    def held_count(self) -> int:
+        return len(self._state.held)
+
+    async def verify(self) -> str | None:
+        """None while the lease is alive; else why this replica cannot refresh."""
+        if self._problem is None and not self._lease_usable():
+            return "etcd lease not confirmed recently (cluster unreachable or without quorum)"
+        return self._problem
+
+    async def recreate(self) -> None:
+        """Nothing to recreate: the cluster keeps the records."""
+
+    # -- membership and lease --------------------------------------------------------
+
+    async def _join(self) -> None:
+        client = self.client
+        started = anyio.current_time()
+        lease, ttl = await client.lease_grant(self._lease_ttl)
+        self._lease = lease
+        self._lease_until = started + ttl
+        self._state.held.clear()
+        member = {"replica": self.replica_id, "lease": f"{lease:x}"}
+        key = self._member_key(self.replica_id)
+        await client.txn([], [op_put(key, orjson.dumps(member), lease)])
+        self._state.members.add(self.replica_id)
+        self._problem = None
+
+    def _lease_usable(self) -> bool:
+        # A refresh needs the lease to outlive it with margin: claim only while at
+        # least a third of the TTL is left (a keep-alive every third of it keeps it so).
+        return bool(self._lease) and (
+            self._lease_until - anyio.current_time() > self._lease_ttl / 3
+        )
+
+    async def _keepalive_loop(self) -> None:
+        client = self.client
+        interval = self._lease_ttl / 3
+        while True:
+            sent = anyio.current_time()
+            try:
+                ttl, _ = await client.lease_keepalive(
+                    self._lease, budget=max(0.5, self._lease_ttl / 3)
+                )
+            except LeaseNotFound:
+                await self._rejoin("lease expired")
+                continue
+            except EtcdError as exc:
+                self._problem = f"etcd unreachable, refreshes paused: {exc}"
+                await anyio.sleep(min(0.25, interval))
+                continue
+            self._lease_until = sent + ttl
+            self._problem = None
+            await anyio.sleep(max(0.05, interval - (anyio.current_time() - sent)))
+
+    async def _rejoin(self, why: str) -> None:
+        """The lease is gone (and with it every owner key): join again."""
+        lost = list(self._state.held)
+        self._state.held.clear()
+        self._state.members.discard(self.replica_id)
+        self._problem = f"etcd {why}: rejoining ({len(lost)} accounts given up)"
+        while not self._closing:
+            try:
+                await self._join()
+                break
+            except EtcdError as exc:
+                self._problem = f"etcd {why}, rejoin failed: {exc}"
+                await anyio.sleep(0.25)
+        self._rebalance_wanted.set()
+
+    # -- watch -----------------------------------------------------------------------
+
+    async def _sync(self) -> None:
+        """Read members and owner keys (and which accounts exist) at one revision."""
+        client = self.client
+        members, revision = await client.range_all(self._members_prefix)
+        owners, _ = await self._range_at(self._owners_prefix, revision)
+        st = self._state
+        st.members = {_suffix(kv.key, self._members_prefix) for kv in members}
+        st.members.add(self.replica_id)
+        st.owners = {
+            _suffix(kv.key, self._owners_prefix): (kv.value.decode(), kv.create_revision)
+            for kv in owners
+        }
+        keys = await client.range(
+            self._accounts_prefix,
+            prefix_end(self._accounts_prefix),
+            keys_only=True,
+            revision=revision,
+        )
+        st.accounts.update(_suffix(kv.key, self._accounts_prefix) for kv in keys.kvs)
+        self._watch_revision = revision
+        self._rebalance_wanted.set()
+
+    async def _range_at(self, prefix: bytes, revision: int) -> tuple[list[KeyValue], int]:
+        result = await self.client.range(prefix, prefix_end(prefix), revision=revision)
+        kvs = list(result.kvs)
+        if result.more:  # pragma: no cover - owner values are tiny; pages are rare
+            kvs, _ = await self.client.range_all(prefix)
+        return kvs, revision
+
+    async def _watch_loop(self) -> None:
+        client = self.client
+        pause = 0.05
+        while True:
+            try:
+                async for _revision, events in client.watch(
+                    self._prefix, prefix_end(self._prefix), self._watch_revision + 1
+                ):
+                    pause = 0.05
+                    for event in events:
+                        self._apply(event)
+                        self._watch_revision = max(self._watch_revision, event.kv.mod_revision)
+            except WatchCompacted:
+                # Missed events are gone: read the state again, and every record.
+                await self._resync()
+            except EtcdError:
+                await anyio.sleep(pause)
+                pause = min(pause * 2, 1.0)
+
+    async def _resync(self) -> None:
+        try:
+            await self._sync()
+            records = await self.load_all()
+        except EtcdError:
+            return
+        if self.on_record is not None:
+            for record in records.values():
+                self.on_record(record)
+
+    def _apply(self, event: WatchEvent) -> None:
+        key = event.kv.key
+        st = self._state
+        if key.startswith(self._accounts_prefix):
+            account = _suffix(key, self._accounts_prefix)
+            if event.deleted:
+                st.accounts.discard(account)
+                return
+            st.accounts.add(account)
+            if self.on_record is None or _writer(event.kv.value) == self.replica_id:
+                return  # this replica's own write: the engine has it already
+            record = self._decode(event.kv)
+            if record is not None:
+                self.on_record(record)
+        elif key.startswith(self._owners_prefix):
+            account = _suffix(key, self._owners_prefix)
+            held = st.held.get(account)
+            if event.deleted:
+                st.owners.pop(account, None)
+                if held is not None:
+                    self._lose(account, held)
+                self._rebalance_wanted.set()
+            else:
+                owner = (event.kv.value.decode(), event.kv.create_revision)
+                st.owners[account] = owner
+                if held is not None and owner[1] != held:
+                    self._lose(account, held)
+        elif key.startswith(self._members_prefix):
+            member = _suffix(key, self._members_prefix)
+            if event.deleted:
+                if member == self.replica_id:
+                    return  # the keep-alive finds out and rejoins
+                st.members.discard(member)
+            else:
+                st.members.add(member)
+            self._rebalance_wanted.set()
+
+    def _lose(self, account: str, create_revision: int) -> None:
+        if self._state.held.get(account) == create_revision:
+            del self._state.held[account]
+
+    # -- rebalancing -----------------------------------------------------------------
+
+    async def _rebalance_loop(self) -> None:
+        while True:
+            with anyio.move_on_after(1.0):
+                await self._rebalance_wanted.wait()
+            self._rebalance_wanted = anyio.Event()
+            if not self._lease_usable():
+                continue
+            try:
+                await self._rebalance()
+            except EtcdError:
+                await anyio.sleep(0.2)
+                self._rebalance_wanted.set()
+
+    async def _rebalance(self) -> None:
+        st = self._state
+        me = self.replica_id
+        members = sorted(st.members)
+        want: list[str] = []
+        give: list[str] = []
+        for account in st.accounts:
+            mine = rendezvous_owner(account, members) == me
+            if mine and account not in st.owners and account not in st.held:
+                want.append(account)
+            elif not mine and account in st.held and account not in st.busy:
+                give.append(account)
+        if give:
+            await self._release_keys(give)
+        if want:
+            got = await self._acquire(sorted(want))
+            if got:
+                self.takeovers += len(got)
+                if self.on_acquired is not None:
+                    self.on_acquired(got)
+
+    async def _acquire(self, accounts: Sequence[str]) -> list[str]:
+        """Create the owner keys of ``accounts`` that are free, bound to the lease."""
+        client = self.client
+        st = self._state
+        lease = self._lease
+        me = self.replica_id.encode()
+        got: list[str] = []
+        for start in range(0, len(accounts), _ACQUIRE_BATCH):
+            pending = list(accounts[start : start + _ACQUIRE_BATCH])
+            while pending:
+                keys = [self._owner_key(a) for a in pending]
+                result = await client.txn(
+                    [compare_create(k, 0) for k in keys],
+                    [op_put(k, me, lease) for k in keys],
+                    [op_range(k) for k in keys],
+                )
+                if result.succeeded:
+                    for account in pending:
+                        st.held[account] = result.revision
+                        st.owners[account] = (self.replica_id, result.revision)
+                    got.extend(pending)
+                    break
+                free = []
+                for account, found in zip(pending, result.ranges, strict=True):
+                    if not found:
+                        free.append(account)
+                        continue
+                    kv = found[0]
+                    st.owners[account] = (kv.value.decode(), kv.create_revision)
+                    if kv.lease == lease and kv.value == me:
+                        # An earlier attempt timed out after committing: it is ours.
+                        st.held[account] = kv.create_revision
+                        got.append(account)
+                pending = free
+        return got
+
+    async def _release_keys(self, accounts: Sequence[str]) -> None:
+        st = self._state
+        for account in accounts:
+            held = st.held.get(account)
+            if held is None or account in st.busy:
+                continue
+            key = self._owner_key(account)
+            await self.client.txn([compare_create(key, held)], [op_delete(key)])
+            self._lose(account, held)
+            if st.owners.get(account, ("", 0))[1] == held:
+                del st.owners[account]
+
+    # -- encoding --------------------------------------------------------------------
+
+    def _record_key(self, account: str) -> bytes:
+        return self._accounts_prefix + account.encode()
+
+    def _owner_key(self, account: str) -> bytes:
+        return self._owners_prefix + account.encode()
+
+    def _member_key(self, replica: str) -> bytes:
+        return self._members_prefix + replica.encode()
+
+    def _encode(self, record: StoredAccount) -> bytes:
+        cipher = self._cipher
+        if cipher is None:
+            raise StoreError("etcd store is not open")
+        _check_times(record)
+        token = record.token
+        body: dict[str, Any] = {
+            "seed": record.seed_fingerprint,
+            "rt": record.refresh_token,
+            "flight": record.in_flight_since,
+            "outcome": record.last_outcome,
+            "error": record.last_error,
+            "updated": record.updated_at,
+        }
+        if token is not None:
+            body["at"] = {
+                "token": token.access_token,
+                "type": token.token_type,
+                "exp": token.expires_at,
+                "iat": token.issued_at,
+                "scope": token.scope,
+            }
+        sealed = cipher.seal(record.account, orjson.dumps(body))
+        envelope = {
+            "v": _ENVELOPE_VERSION,
+            "by": self.replica_id,
+            "lease": f"{self._lease:x}",
+            "sealed": sealed,
+        }
+        return orjson.dumps(envelope, default=_bytes_to_b64)
+
+    def _decode(self, kv: KeyValue) -> StoredAccount | None:
+        account = _suffix(kv.key, self._accounts_prefix)
+        cipher = self._cipher
+        if cipher is None:
+            raise StoreError("etcd store is not open")
+        try:
+            envelope = orjson.loads(kv.value)
+            if envelope.get("v") != _ENVELOPE_VERSION:
+                raise ValueError(f"unknown record format {envelope.get('v')!r}")
+            body = orjson.loads(cipher.open(account, base64.b64decode(envelope["sealed"])))
+            at = body.get("at")
+            token = None
+            if at is not None:
+                token = TokenSet(
+                    access_token=str(at["token"]),
+                    token_type=str(at["type"]),
+                    expires_at=float(at["exp"]),
+                    issued_at=float(at["iat"]),
+                    scope=at.get("scope"),
+                )
+            return StoredAccount(
+                account=account,
+                seed_fingerprint=body.get("seed"),
+                refresh_token=body.get("rt"),
+                token=token,
+                in_flight_since=body.get("flight"),
+                last_outcome=body.get("outcome"),
+                last_error=body.get("error"),
+                updated_at=float(body.get("updated") or 0.0),
+                version=kv.mod_revision,
+            )
+        except StateKeyError as exc:
+            raise StoreError(f"etcd store: {exc}") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StoreError(
+                f"etcd store: the record of {account!r} is malformed ({type(exc).__name__}); "
+                "was it written by something other than tokend?"
+            ) from None
+
+
+def _bytes_to_b64(value: object) -> str:
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    raise TypeError(type(value).__name__)
+
+
+def _writer(value: bytes) -> str | None:
+    try:
+        envelope = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    writer = envelope.get("by") if isinstance(envelope, dict) else None
+    return writer if isinstance(writer, str) else None
+
+
+def _owner_name(found: list[KeyValue]) -> str:
+    return found[0].value.decode(errors="replace") if found else "nobody yet"
+
+
+def _suffix(key: bytes, prefix: bytes) -> str:
+    return key[len(prefix) :].decode()
+
+
+def _check_times(record: StoredAccount) -> None:
+    token = record.token
+    times = [record.updated_at, record.in_flight_since]
+    if token is not None:
+        times += [token.expires_at, token.issued_at]
+    if any(t is not None and not math.isfinite(t) for t in times):
+        raise ValueError(f"record for {record.account!r} has a non-finite time")
+
+
+def _ssl_context(s: EtcdSettings) -> ssl.SSLContext | None:
+    if s.ca_file is None and s.cert_file is None:
+        return None
+    try:
+        context = ssl.create_default_context(cafile=str(s.ca_file) if s.ca_file else None)
+        if s.cert_file is not None:
+            context.load_cert_chain(str(s.cert_file), str(s.key_file) if s.key_file else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise StoreError(f"etcd TLS files: cannot load them: {exc}") from None
+    return context
