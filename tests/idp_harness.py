@@ -42,6 +42,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import IO, Any, TextIO
 
@@ -63,11 +64,14 @@ FAULT_MODES = (
     "hang",
     "reset",
     "lost_after_rotate",
+    "oauth_error",
 )
 
 #: Client secrets used by :func:`default_clients`.
 BASIC_SECRET = "basic-secret"
 POST_SECRET = "post-secret"
+LOGIN_SECRET = "login-secret"
+DEVICE_CODE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 #: Contains characters that must be form-encoded before base64 in HTTP Basic
 #: client authentication (RFC 6749 section 2.3.1).
 CC_SECRET = "s3cr:et/+&%="
@@ -196,6 +200,10 @@ def default_clients(
     * ``jwt-client`` -- ``private_key_jwt`` with both public keys registered
       and no fixed signing alg, so ES256 and RS256 assertions are accepted
     * ``public-client`` -- ``none`` (public client, sends only ``client_id``)
+    * ``login-client`` -- a native app (RFC 8252: its loopback redirect URI
+      ``http://127.0.0.1/callback`` matches on any port) with
+      ``client_secret_basic`` and secret :data:`LOGIN_SECRET`, allowed the
+      authorization code, device code and refresh token grants
     * ``cc-client`` -- ``client_secret_basic`` with secret :data:`CC_SECRET`
       (``s3cr:et/+&%=``), which only works when the id and secret are
       form-urlencoded before base64 as RFC 6749 section 2.3.1 requires;
@@ -236,6 +244,16 @@ def default_clients(
             "token_endpoint_auth_method": "none",
             **interactive,
             "grant_types": ["refresh_token", "authorization_code"],
+        },
+        {
+            "client_id": "login-client",
+            "client_secret": LOGIN_SECRET,
+            "token_endpoint_auth_method": "client_secret_basic",
+            "application_type": "native",
+            "grant_types": ["authorization_code", "refresh_token", DEVICE_CODE_GRANT],
+            "redirect_uris": ["http://127.0.0.1/callback"],
+            "response_types": ["code"],
+            "scope": _DEFAULT_SCOPE,
         },
         {
             "client_id": "cc-client",
@@ -336,6 +354,7 @@ class IdP:
             "refresh_token_ttl": refresh_token_ttl,
             "rotate_refresh_tokens": rotate_refresh_tokens,
             "reuse_grace_seconds": reuse_grace_seconds,
+            "device_interval": None,
         }
         self.requested_port = port
         self.issuer: str = ""
@@ -541,7 +560,8 @@ class IdP:
         request is handled normally -- or the client disconnects);
         ``reset`` (connection reset without an answer); ``lost_after_rotate``
         (handled normally, so a refresh token IS rotated, then the
-        connection is dropped instead of sending the response).
+        connection is dropped instead of sending the response); ``oauth_error``
+        (``error=CODE``, ``status=N``, default 400: an RFC 6749 error body).
 
         Faulted requests (other than ``delay``, ``hang`` released and
         ``lost_after_rotate``) never reach oidc-provider.
@@ -549,7 +569,7 @@ class IdP:
         Filters (any mode): ``count=N`` (only the next N matching requests,
         then back to ``none``), ``client_id=...`` (client from Basic auth,
         ``client_id`` or the client assertion's ``iss``),
-        ``user_agent_contains=...``. Setting a new fault releases requests
+        ``user_agent_contains=...``, ``grant_type=...``. Setting a new fault releases requests
         parked by ``hang``.
         """
         if mode not in FAULT_MODES:
@@ -558,7 +578,8 @@ class IdP:
 
     def configure(self, **kw: Any) -> None:
         """Change runtime settings: ``reuse_grace_seconds``,
-        ``rotate_refresh_tokens``, ``access_token_ttl``, ``refresh_token_ttl``.
+        ``rotate_refresh_tokens``, ``access_token_ttl``, ``refresh_token_ttl``,
+        ``device_interval`` (None: the device authorization response names none).
         """
         self._call("POST", "config", kw)
 
@@ -642,3 +663,77 @@ def basic_auth_header(client_id: str, client_secret: str) -> str:
 
     raw = f"{quote_plus(client_id)}:{quote_plus(client_secret)}".encode()
     return "Basic " + base64.b64encode(raw).decode("ascii")
+
+
+# ---------------------------------------------------------------------------
+# a browser for the sign-in pages
+
+
+class _Forms(HTMLParser):
+    """The forms of a page: action, method and their named inputs' values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forms: list[dict[str, Any]] = []
+        self._current: dict[str, Any] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = {name: value or "" for name, value in attrs}
+        if tag == "form":
+            self._current = {
+                "action": attributes.get("action", ""),
+                "method": attributes.get("method", "get").upper(),
+                "fields": {},
+            }
+            self.forms.append(self._current)
+        elif tag == "input" and self._current is not None and "name" in attributes:
+            self._current["fields"][attributes["name"]] = attributes.get("value", "")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "form":
+            self._current = None
+
+
+def sign_in(
+    url: str,
+    *,
+    login: str = "alice",
+    user_code: str | None = None,
+    max_steps: int = 20,
+    timeout: float = 10.0,
+) -> httpx.Response:
+    """Do what a person in a browser does with the test IdP's sign-in pages.
+
+    Starting at ``url`` (an authorization URL, or a device verification URI), follow
+    redirects and submit each form on the way: the user code (``user_code``), the
+    login (any name is accepted; it becomes the account id), the device
+    confirmation and the consent. A redirect that leaves the IdP (to an app's
+    loopback redirect URI) is followed once more and its response returned; so is the
+    first page without a form (the device flow's success page).
+    """
+    origin = httpx.URL(url)
+    with httpx.Client(timeout=timeout, follow_redirects=False) as browser:
+        response = browser.get(url)
+        for _ in range(max_steps):
+            if response.is_redirect:
+                target = response.url.join(response.headers["location"])
+                if (target.host, target.port) != (origin.host, origin.port):
+                    with httpx.Client(timeout=timeout) as other:
+                        return other.get(target)
+                response = browser.get(target)
+                continue
+            parser = _Forms()
+            parser.feed(response.text)
+            forms = [f for f in parser.forms if f["method"] == "POST"]
+            if response.status_code != 200 or not forms:
+                return response
+            form = forms[0]
+            fields = dict(form["fields"])
+            if "login" in fields:
+                fields.update(login=login, password="any")
+            if "user_code" in fields and not fields["user_code"]:
+                if user_code is None:
+                    raise AssertionError("the sign-in asks for a user code; pass user_code=")
+                fields["user_code"] = user_code
+            response = browser.post(response.url.join(form["action"]), data=fields)
+        raise AssertionError(f"sign-in did not finish within {max_steps} steps")

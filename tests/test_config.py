@@ -602,7 +602,6 @@ def test_grant_requirements(tmp_path: Path) -> None:
         ),
     )
     assert problems(path) == [
-        f"{path}:7:3: accounts.a: grant refresh_token needs refresh_token or refresh_token_file",
         f"{path}:9:3: accounts.b: grant client_credentials takes no refresh token",
     ]
 

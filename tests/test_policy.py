@@ -580,7 +580,7 @@ def test_dead_grant_needs_reauth_and_is_never_retried(reason: str) -> None:
     assert kind is AccountState.NEEDS_REAUTH and next_at is None and not same
     assert message == (
         f"refresh token rejected ({reason}, HTTP 400); account needs re-authorization: "
-        "supply a new seed token and send SIGHUP"
+        "run `tokend login ACCOUNT`, or supply a new seed token and send SIGHUP"
     )
 
 

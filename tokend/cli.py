@@ -169,12 +169,64 @@ def _status(args: argparse.Namespace) -> int:
     return status_command(socket_arg=args.socket, config_arg=args.config)
 
 
+# -- signing in ---------------------------------------------------------------------------------
+
+
+def _add_login(commands: Commands) -> None:
+    login = commands.add_parser(
+        "login", help="sign in once; the refresh token becomes the account's seed"
+    )
+    login.add_argument("account", metavar="ACCOUNT")
+    add_config_arg(login)
+    login.add_argument(
+        "--device",
+        action="store_true",
+        help="sign in on another device with a code (for hosts without a browser)",
+    )
+    login.add_argument(
+        "--no-browser", action="store_true", help="print the URL only, never open a browser"
+    )
+    login.add_argument(
+        "--port",
+        type=int,
+        default=0,
+        metavar="N",
+        help="loopback port for the redirect (default: any free one)",
+    )
+    login.add_argument(
+        "--scope", help="scope to ask for (default: the account's, else 'openid offline_access')"
+    )
+    login.add_argument(
+        "--timeout",
+        type=seconds_arg,
+        default=300.0,
+        metavar="SECONDS",
+        help="longest wait for the browser's redirect (default 300)",
+    )
+    login.set_defaults(func=_login)
+
+
+def _login(args: argparse.Namespace) -> int:
+    from tokend.login import login_command
+
+    return login_command(
+        args.account,
+        config_arg=args.config,
+        device=args.device,
+        open_browser=not args.no_browser,
+        port=args.port,
+        scope=args.scope,
+        timeout=args.timeout,
+    )
+
+
 # In the order `tokend --help` lists them.
 COMMANDS: tuple[Callable[[Commands], None], ...] = (
     _add_run,
     _add_check,
     _add_token,
     _add_status,
+    _add_login,
 )
 
 

@@ -16,15 +16,23 @@
 //   refresh_token_ttl      seconds (default 86400)
 //   rotate_refresh_tokens  bool (default true)
 //   reuse_grace_seconds    seconds a just-rotated refresh token stays usable (default 0)
+//   device_interval        seconds: the polling interval the device authorization
+//                          response names (default: none named, so clients use 5)
 //   exit_on_stdin_eof      bool: exit when stdin closes, so the server never
 //                          outlives the process that started it (default false)
 //   clients                list of oidc-provider client metadata objects
 //
 // Control API (never part of OAuth), all JSON:
 //   POST   /_test/seed          {client_id, scope?, account_id?} -> {refresh_token, grant_id, ...}
-//   POST   /_test/fault         {mode, count?, client_id?, user_agent_contains?, retry_after?, delay_ms?}
+//   POST   /_test/fault         {mode, count?, client_id?, user_agent_contains?, grant_type?,
+//                                retry_after?, delay_ms?, error?, status?}
+//                                (mode oauth_error answers {error} with status, default 400)
 //   GET    /_test/fault         current fault
-//   POST   /_test/config        {reuse_grace_seconds?, rotate_refresh_tokens?, access_token_ttl?, refresh_token_ttl?}
+//   POST   /_test/config        {reuse_grace_seconds?, rotate_refresh_tokens?, access_token_ttl?,
+//                                refresh_token_ttl?, device_interval?}
+//
+// Sign-in pages are oidc-provider's development interactions: any login name is
+// accepted (it becomes the account id) and consent grants what was asked.
 //   GET    /_test/config        current runtime settings
 //   GET    /_test/log           token endpoint requests, in arrival order
 //   DELETE /_test/log           clear the log
@@ -71,11 +79,12 @@ const settings = {
   refresh_token_ttl: config.refresh_token_ttl ?? 86400,
   rotate_refresh_tokens: config.rotate_refresh_tokens ?? true,
   reuse_grace_seconds: config.reuse_grace_seconds ?? 0,
+  device_interval: config.device_interval ?? null,
 };
 
 const FAULT_MODES = new Set([
   'none', 'status_500', 'status_429', 'status_503', 'html_403',
-  'delay', 'hang', 'reset', 'lost_after_rotate',
+  'delay', 'hang', 'reset', 'lost_after_rotate', 'oauth_error',
 ]);
 const NO_FAULT = { mode: 'none' };
 let fault = NO_FAULT;
@@ -254,7 +263,8 @@ const providerConfiguration = {
   clockTolerance: 2,
   routes: { token: '/token' },
   features: {
-    devInteractions: { enabled: false },
+    devInteractions: { enabled: true },
+    deviceFlow: { enabled: true },
     clientCredentials: { enabled: true },
     // Any authenticated client may introspect; public clients only their own tokens.
     introspection: {
@@ -354,6 +364,7 @@ function faultApplies(entry) {
   if (fault.user_agent_contains !== undefined && !entry.user_agent.includes(fault.user_agent_contains)) {
     return false;
   }
+  if (fault.grant_type !== undefined && fault.grant_type !== entry.grant_type) return false;
   return true;
 }
 
@@ -515,6 +526,10 @@ async function tokenEndpoint(provider, ctx, next) {
         ? { error: 'too_many_requests', error_description: 'rate limit exceeded' }
         : { error: 'temporarily_unavailable', error_description: 'service unavailable' };
       return;
+    case 'oauth_error':
+      ctx.status = applied.status ?? 400;
+      ctx.body = { error: applied.error ?? 'invalid_request', error_description: 'injected fault' };
+      return;
     case 'html_403':
       ctx.status = 403;
       ctx.type = 'text/html; charset=UTF-8';
@@ -597,10 +612,10 @@ function parseFault(body) {
     next.count = body.count;
     next.remaining = body.count;
   }
-  for (const key of ['client_id', 'user_agent_contains']) {
+  for (const key of ['client_id', 'user_agent_contains', 'grant_type', 'error']) {
     if (body[key] !== undefined && body[key] !== null) next[key] = String(body[key]);
   }
-  for (const key of ['retry_after', 'delay_ms']) {
+  for (const key of ['retry_after', 'delay_ms', 'status']) {
     if (body[key] !== undefined && body[key] !== null) {
       if (typeof body[key] !== 'number' || body[key] < 0) throw new Error(`${key} must be a non-negative number`);
       next[key] = body[key];
@@ -671,7 +686,8 @@ async function control(provider, ctx) {
         for (const key of Object.keys(update)) {
           if (!(key in settings)) throw new Error(`unknown setting: ${key}`);
           const expected = key === 'rotate_refresh_tokens' ? 'boolean' : 'number';
-          if (typeof update[key] !== expected) throw new Error(`${key} must be a ${expected}`);
+          const nullable = key === 'device_interval' && update[key] === null;
+          if (!nullable && typeof update[key] !== expected) throw new Error(`${key} must be a ${expected}`);
         }
         Object.assign(settings, update);
         body = { ...settings };
@@ -730,10 +746,14 @@ server.listen(config.port ?? 0, '127.0.0.1', () => {
   });
 
   const tokenPath = new URL(provider.urlFor('token')).pathname;
+  const devicePath = new URL(provider.urlFor('device_authorization')).pathname;
   provider.use(async (ctx, next) => {
     if (ctx.path.startsWith('/_test/')) return control(provider, ctx);
     if (ctx.method === 'POST' && ctx.path === tokenPath) return tokenEndpoint(provider, ctx, next);
-    return next();
+    await next();
+    if (ctx.path === devicePath && ctx.status === 200 && settings.device_interval !== null) {
+      ctx.body = { ...ctx.body, interval: settings.device_interval };
+    }
   });
 
   server.on('request', provider.callback());

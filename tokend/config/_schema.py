@@ -241,6 +241,10 @@ class ProviderConfig(_Model):
 
     issuer: str | None = None
     token_endpoint: str | None = None
+    # For `tokend login` and `tokend revoke`; from discovery when an issuer is set.
+    authorization_endpoint: str | None = None
+    device_authorization_endpoint: str | None = None
+    revocation_endpoint: str | None = None
     client_id: str
     client_secret: SecretStr | None = None
     client_secret_file: Path | None = None
@@ -267,7 +271,13 @@ class ProviderConfig(_Model):
 
     # Per field so the error points at the key; the URL itself is not echoed because
     # it may carry credentials (https://user:pass@host).
-    @field_validator("issuer", "token_endpoint")
+    @field_validator(
+        "issuer",
+        "token_endpoint",
+        "authorization_endpoint",
+        "device_authorization_endpoint",
+        "revocation_endpoint",
+    )
     @classmethod
     def _check_url(cls, url: str | None) -> str | None:
         if url is not None and not re.match(r"https?://", url):
@@ -393,8 +403,7 @@ class AccountConfig(_Model):
         has_seed = self.refresh_token is not None or self.refresh_token_file is not None
         if self.refresh_token is not None and self.refresh_token_file is not None:
             raise ValueError("set refresh_token or refresh_token_file, not both")
-        if self.grant == "refresh_token" and not has_seed:
-            raise ValueError("grant refresh_token needs refresh_token or refresh_token_file")
+        # A refresh_token account without a seed waits (needs_reauth) for `tokend login`.
         if self.grant == "client_credentials" and has_seed:
             raise ValueError("grant client_credentials takes no refresh token")
         return self

@@ -11,6 +11,7 @@ import httpx
 
 from tokend.config import ProviderConfig
 from tokend.oauth._auth import ClientAuth
+from tokend.oauth._authorize import DEVICE_CODE_GRANT
 from tokend.oauth._discovery import Discovery, DiscoveryError
 from tokend.oauth._http import DEFAULT_USER_AGENT, RawResponse, RequestProgress, read_capped
 from tokend.oauth._outcome import FailureKind, Outcome, TokenFailure
@@ -63,6 +64,10 @@ class ProviderClient:
         )
 
     @property
+    def client_id(self) -> str:
+        return self._config.client_id
+
+    @property
     def timeout(self) -> float:
         """The total time one token request may take."""
         return self._config.timeout
@@ -88,6 +93,46 @@ class ProviderClient:
         assert self._discovery is not None
         return await self._discovery.token_endpoint()
 
+    async def endpoint(self, name: str) -> str:
+        """``authorization_endpoint``, ``device_authorization_endpoint`` or
+        ``revocation_endpoint``: as configured, else from discovery. Raises
+        DiscoveryError saying why there is none."""
+        configured: str | None = getattr(self._config, name)
+        if configured is not None:
+            return configured
+        if self._discovery is None:
+            raise DiscoveryError(
+                f"provider {self.name!r} has no issuer to discover {name} from: set {name}"
+            )
+        return await self._discovery.endpoint(name)
+
+    async def exchange_code(self, code: str, redirect_uri: str, code_verifier: str) -> Outcome:
+        """Redeem an authorization code (RFC 6749 4.1.3) with its PKCE verifier."""
+        form = {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": redirect_uri,
+            "code_verifier": code_verifier,
+        }
+        return await self._token_request(form, secrets=(code, code_verifier))
+
+    async def device_authorization(self, scope: str | None) -> RawResponse | TokenFailure:
+        """Start the device authorization grant (RFC 8628 3.1): the raw answer."""
+        form = {**self._config.extra_params, "client_id": self._config.client_id}
+        if scope:
+            form["scope"] = scope
+        return await self._send_raw("device_authorization_endpoint", form, secrets=())
+
+    async def poll_device_code(self, device_code: str) -> Outcome:
+        """One device access token request (RFC 8628 3.4)."""
+        form = {"grant_type": DEVICE_CODE_GRANT, "device_code": device_code}
+        return await self._token_request(form, secrets=(device_code,))
+
+    async def revoke(self, token: str, token_type_hint: str) -> RawResponse | TokenFailure:
+        """Ask the IdP to revoke ``token`` (RFC 7009 2.1): the raw answer."""
+        form = {"token": token, "token_type_hint": token_type_hint}
+        return await self._send_raw("revocation_endpoint", form, secrets=(token,))
+
     async def refresh(self, refresh_token: str, scope: str | None = None) -> Outcome:
         """Redeem a refresh token (RFC 6749 6); ``scope`` may narrow the grant."""
         if not refresh_token:
@@ -110,8 +155,37 @@ class ProviderClient:
         await self._http.aclose()
 
     async def _token_request(self, grant: Mapping[str, str], secrets: tuple[str, ...]) -> Outcome:
+        # Extra parameters first, so none can override the grant or the credentials.
+        form = {**self._config.extra_params, **grant}
+        sent = await self._send("token_endpoint", form, secrets)
+        if isinstance(sent, TokenFailure):
+            return sent
+        raw, secrets = sent
+        return classify_response(
+            raw.status,
+            raw.headers,
+            raw.body,
+            now=time.time(),
+            truncated=raw.truncated,
+            secrets=secrets,
+        )
+
+    async def _send_raw(
+        self, endpoint_name: str, params: Mapping[str, str], secrets: tuple[str, ...]
+    ) -> RawResponse | TokenFailure:
+        sent = await self._send(endpoint_name, params, secrets)
+        return sent if isinstance(sent, TokenFailure) else sent[0]
+
+    async def _send(
+        self, endpoint_name: str, params: Mapping[str, str], secrets: tuple[str, ...]
+    ) -> tuple[RawResponse, tuple[str, ...]] | TokenFailure:
+        """POST ``params`` with client authentication to the named endpoint: the answer
+        and every secret the request carried (to scrub from what the IdP echoes)."""
         try:
-            endpoint = await self.token_endpoint()
+            if endpoint_name == "token_endpoint":
+                endpoint = await self.token_endpoint()
+            else:
+                endpoint = await self.endpoint(endpoint_name)
         except DiscoveryError as exc:
             return TokenFailure(
                 FailureKind.TRANSIENT,
@@ -120,8 +194,7 @@ class ProviderClient:
                 request_sent=False,
             )
         credentials = self._auth.credentials(endpoint, time.time())
-        # Extra parameters first, so none can override the grant or the credentials.
-        form = {**self._config.extra_params, **grant, **credentials.form}
+        form = {**params, **credentials.form}
         headers = {**self._headers, **credentials.headers}
         # Everything sent that an IdP could echo back into an error text.
         secrets = (*secrets, *self._auth.secrets, *credentials.secrets)
@@ -133,14 +206,7 @@ class ProviderClient:
                 raw = await self._post(endpoint, form, headers, progress)
         except (TimeoutError, httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
             return classify_transport_error(exc, request_sent=progress.sent, secrets=secrets)
-        return classify_response(
-            raw.status,
-            raw.headers,
-            raw.body,
-            now=time.time(),
-            truncated=raw.truncated,
-            secrets=secrets,
-        )
+        return raw, secrets
 
     async def _post(
         self,

@@ -1,8 +1,10 @@
-"""OpenID Connect discovery of the token endpoint, fetched once and shared."""
+"""OpenID Connect discovery of the token endpoint (and the other endpoints sign-in and
+revocation use), fetched once and shared."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import anyio
@@ -26,20 +28,59 @@ def discovery_url(issuer: str) -> str:
 
 def token_endpoint_from_metadata(body: bytes, issuer: str) -> str:
     """The token_endpoint of a discovery document; raises DiscoveryError."""
+    return endpoints_from_metadata(body, issuer).token_endpoint
+
+
+# Endpoints tokend may use besides the token endpoint: sign-in (RFC 6749 4.1, RFC 8628)
+# and revocation (RFC 7009).
+OPTIONAL_ENDPOINTS = (
+    "authorization_endpoint",
+    "device_authorization_endpoint",
+    "revocation_endpoint",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoints:
+    token_endpoint: str
+    # The optional endpoints the document names usably, by metadata name...
+    optional: dict[str, str]
+    # ...and why the others it names cannot be used (refreshing never needs them).
+    problems: dict[str, str]
+
+
+def endpoints_from_metadata(body: bytes, issuer: str) -> Endpoints:
+    """The endpoints of a discovery document. Raises DiscoveryError without a usable
+    token_endpoint."""
     document = decode_json_object(body)
     if document is None:
         raise DiscoveryError(f"discovery document of {issuer} is not a JSON object")
     endpoint = document.get("token_endpoint")
     if not isinstance(endpoint, str) or not endpoint:
         raise DiscoveryError(f"discovery document of {issuer} has no token_endpoint")
+    token_endpoint = _checked_endpoint(endpoint, "token_endpoint", issuer)
+    optional: dict[str, str] = {}
+    problems: dict[str, str] = {}
+    for name in OPTIONAL_ENDPOINTS:
+        value = document.get(name)
+        if value is None:
+            continue
+        try:
+            if not isinstance(value, str):
+                raise DiscoveryError(f"discovery document of {issuer} gives a non-text {name}")
+            optional[name] = _checked_endpoint(value, name, issuer)
+        except DiscoveryError as exc:
+            problems[name] = str(exc)
+    return Endpoints(token_endpoint, optional, problems)
+
+
+def _checked_endpoint(endpoint: str, name: str, issuer: str) -> str:
     parts = urlsplit(endpoint)
     # Client credentials go to this URL, so it may not drop TLS the issuer itself uses.
     allowed = ("https", "http") if urlsplit(issuer).scheme == "http" else ("https",)
     if parts.scheme not in allowed or not parts.hostname:
         shown = clean_text(endpoint) or "?"
-        raise DiscoveryError(
-            f"discovery document of {issuer} gives an unusable token_endpoint {shown!r}"
-        )
+        raise DiscoveryError(f"discovery document of {issuer} gives an unusable {name} {shown!r}")
     return endpoint
 
 
@@ -54,7 +95,7 @@ class _Fetch:
 
 
 class Discovery:
-    """The token endpoint of one issuer: fetched on first use and kept.
+    """The endpoints of one issuer: fetched on first use and kept.
 
     Concurrent callers share one fetch. A failure is reported to everyone waiting on
     that fetch and not kept, so the next caller tries again.
@@ -72,11 +113,24 @@ class Discovery:
         self._issuer = issuer
         self._headers = dict(headers)
         self._timeout = timeout
-        self._endpoint: str | None = None
+        self._endpoints: Endpoints | None = None
         self._pending: _Fetch | None = None
 
     async def token_endpoint(self) -> str:
-        while self._endpoint is None:
+        return (await self.endpoints()).token_endpoint
+
+    async def endpoint(self, name: str) -> str:
+        """An optional endpoint (see OPTIONAL_ENDPOINTS); raises DiscoveryError saying
+        why when the issuer names none, or none usable."""
+        endpoints = await self.endpoints()
+        found = endpoints.optional.get(name)
+        if found is not None:
+            return found
+        problem = endpoints.problems.get(name)
+        raise DiscoveryError(problem or f"discovery document of {self._issuer} names no {name}")
+
+    async def endpoints(self) -> Endpoints:
+        while self._endpoints is None:
             pending = self._pending
             if pending is None:
                 return await self._lead_fetch()
@@ -84,23 +138,23 @@ class Discovery:
             if pending.error is not None:
                 raise DiscoveryError(pending.error)
             # Otherwise the fetch succeeded, or its caller was cancelled: look again.
-        return self._endpoint
+        return self._endpoints
 
-    async def _lead_fetch(self) -> str:
+    async def _lead_fetch(self) -> Endpoints:
         pending = self._pending = _Fetch()
         try:
-            endpoint = await self._fetch()
+            endpoints = await self._fetch()
         except DiscoveryError as exc:
             pending.error = str(exc)
             raise
         else:
-            self._endpoint = endpoint
-            return endpoint
+            self._endpoints = endpoints
+            return endpoints
         finally:
             self._pending = None
             pending.done.set()
 
-    async def _fetch(self) -> str:
+    async def _fetch(self) -> Endpoints:
         url = discovery_url(self._issuer)
         try:
             with anyio.fail_after(self._timeout):
@@ -115,4 +169,4 @@ class Discovery:
             raise DiscoveryError(f"{url}: HTTP {raw.status}")
         if raw.truncated:
             raise DiscoveryError(f"{url}: the document is larger than {len(raw.body)} bytes")
-        return token_endpoint_from_metadata(raw.body, self._issuer)
+        return endpoints_from_metadata(raw.body, self._issuer)

@@ -17,7 +17,7 @@ from tokend.oauth import FailureKind, TokenFailure
 from tokend.policy._backoff import BackoffPolicy, retry_delay
 from tokend.policy._breaker import BreakerState, BreakerStatus
 
-_REAUTH_HINT = "supply a new seed token and send SIGHUP"
+_REAUTH_HINT = "run `tokend login ACCOUNT`, or supply a new seed token and send SIGHUP"
 
 # Statuses from a gateway that may have passed the request on before losing the answer.
 _GATEWAY_LOST = frozenset({502, 504})
