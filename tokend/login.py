@@ -384,6 +384,11 @@ def hand_seed_to_daemon(socket_path: Path, name: str, seed: str) -> str:
             "the running tokend accepts a new refresh token only from its own user or "
             "root; run tokend login as that user"
         )
+    if status in (404, 405, 413) and error != "unknown_account":
+        raise LoginError(
+            "the running tokend does not take new refresh tokens over its socket: stop it, "
+            "run tokend login again, then start it"
+        )
     if status == 404:
         raise LoginError(
             f"the running tokend has no account {name!r} ({error}): reload it (SIGHUP) "
