@@ -12,8 +12,15 @@ class Clock(Protocol):
         ...
 
     def monotonic(self) -> float:
-        """Seconds that never jump (durations, and noticing wall-clock jumps)."""
+        """Seconds that never jump but do count a suspend (durations, and noticing
+        wall-clock jumps: after a resume, wall time and this moved alike)."""
         ...
+
+
+# CLOCK_BOOTTIME (Linux) keeps counting while the machine sleeps, where CLOCK_MONOTONIC
+# stops: with the latter, a resume would look like a wall-clock jump and push every
+# refresh later by the time slept, though the tokens really aged meanwhile.
+_REAL_TIME = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
 
 
 class SystemClock:
@@ -21,4 +28,4 @@ class SystemClock:
         return time.time()
 
     def monotonic(self) -> float:
-        return time.monotonic()
+        return time.clock_gettime(_REAL_TIME)

@@ -1,7 +1,9 @@
 """Wiring and lifecycle: build the pieces from a config, run them, handle signals.
 
 SIGTERM and SIGINT stop scheduling and drain in-flight refreshes (bounded by
-``serve.drain_timeout``) before the process exits 0.
+``serve.drain_timeout``) before the process exits: 0, or 3 if a rotated refresh token
+could not be committed (the log names the accounts). A state file another tokend holds
+is one error line and exit 2.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from tokend.oauth import ProviderClient, ProviderSetupError
 from tokend.publish import Publisher, TokenFiles
 from tokend.publish.metrics import Metrics
 from tokend.publish.server import ServeError, serve_socket, serve_tcp
-from tokend.store import open_store
+from tokend.store import StoreError, open_store
 
 _log = logs.get_logger()
 
@@ -125,11 +127,17 @@ class Daemon:
         code = 1
         try:
             code = await self._run()
-        except* ServeError as group:
+        except* StoreError as store_errors:
+            # The state file is another tokend's, or cannot be opened: nothing was
+            # refreshed, and starting anyway would spend the same refresh tokens twice.
+            for store_error in store_errors.exceptions:
+                _log.error("cannot_open_store", error=str(store_error))
+            code = 2
+        except* ServeError as serve_errors:
             # A socket or port tokend cannot take (another tokend is live on it, say):
             # say so in one line; nothing has been refreshed yet.
-            for exc in group.exceptions:
-                _log.error("cannot_serve", error=str(exc))
+            for serve_error in serve_errors.exceptions:
+                _log.error("cannot_serve", error=str(serve_error))
         return code
 
     async def _run(self) -> int:
@@ -153,10 +161,10 @@ class Daemon:
                 # Services answer while the engine runs and drains, then stop with it.
                 for service in self._services(engine):
                     await group.start(service)
-                await engine.run()
+                code = await engine.run()
                 group.cancel_scope.cancel()
-            _log.info("stopped")
-        return 0
+            _log.info("stopped", exit_code=code)
+        return code
 
     def _services(self, engine: Engine) -> list[Service]:
         """Long-running servers around the engine; each is started with
@@ -169,6 +177,13 @@ class Daemon:
         return services
 
     async def run_once(self) -> int:
+        try:
+            return await self._run_once()
+        except StoreError as exc:
+            _log.error("cannot_open_store", error=str(exc))
+            return 2
+
+    async def _run_once(self) -> int:
         async with AsyncExitStack() as stack:
             engine = await self._open(stack)
             ok = await engine.run_once()
@@ -222,8 +237,8 @@ class Daemon:
             for client in clients.values():
                 await client.aclose()
             return
-        retired = await engine.reload(config, clients, errors, changed)
-        engine.publishers = publishers
+        # The new publishers first: an added account's files start with it.
+        retired = await engine.reload(config, clients, errors, changed, publishers)
         self.fingerprints = fingerprints
         for name in set(self.clients) - set(config.providers):
             del self.clients[name]

@@ -21,6 +21,7 @@ class AccountState(enum.StrEnum):
     BLOCKED = "blocked"  # the provider's circuit breaker is open
     NEEDS_REAUTH = "needs_reauth"  # the refresh token is dead; only a new seed revives it
     UNSAVED = "unsaved"  # a rotated refresh token could not be committed yet
+    QUEUED = "queued"  # due, waiting for its provider's concurrency and rate limit
 
 
 def fingerprint(secret: str) -> str:
@@ -47,6 +48,11 @@ class TokenSet:
 
     def is_valid(self, now: float, min_valid: float = 0.0) -> bool:
         return self.expires_at - now > min_valid
+
+    def shifted(self, delta: float) -> TokenSet:
+        """The same token after the wall clock stepped by ``delta`` seconds: it still
+        lives as long as the IdP said, so its times move with the step."""
+        return replace(self, expires_at=self.expires_at + delta, issued_at=self.issued_at + delta)
 
 
 @dataclass(frozen=True, slots=True)

@@ -74,6 +74,7 @@ from tokend.policy._breaker import (
     breaker_record,
     breaker_reset,
 )
+from tokend.policy._order import queue_priority
 from tokend.policy._ratelimit import (
     BucketState,
     RateLimit,
@@ -107,6 +108,7 @@ __all__ = [
     "bucket_reserve",
     "bucket_take",
     "is_lost_response",
+    "queue_priority",
     "refresh_at",
     "retry_delay",
     "should_request",

@@ -86,6 +86,14 @@ class BreakerState:
     # The failure that last opened (or kept open) the breaker, for logs and status.
     last_reason: str | None = None
 
+    def shifted(self, delta: float) -> BreakerState:
+        """After a wall-clock step of ``delta``: a cooldown keeps its real length."""
+        return replace(
+            self,
+            opened_until=None if self.opened_until is None else self.opened_until + delta,
+            probe_deadline=None if self.probe_deadline is None else self.probe_deadline + delta,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Admission:

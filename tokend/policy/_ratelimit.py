@@ -39,6 +39,10 @@ class BucketState:
     # The time ``tokens`` was computed at.
     updated_at: float
 
+    def shifted(self, delta: float) -> BucketState:
+        """After a wall-clock step of ``delta``: the refill keeps its real pace."""
+        return BucketState(self.tokens, self.updated_at + delta)
+
 
 def bucket_full(limit: RateLimit, now: float) -> BucketState:
     """A bucket holding a whole burst: the starting state."""

@@ -24,7 +24,7 @@ def open_store(config: StateConfig) -> Store:
     if config.backend == "sqlite":
         from tokend.store.sqlite import SqliteStore
 
-        return SqliteStore(config.path)
+        return SqliteStore(config.path, exclusive=True)
     if config.backend == "etcd":
         from tokend.store.etcd import EtcdSettings, EtcdStore
 

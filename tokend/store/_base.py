@@ -52,3 +52,13 @@ class Store(Protocol):
         ...
 
     async def release(self, account: str, owner: str) -> None: ...
+
+    async def verify(self) -> str | None:
+        """None while the store is sound; else why it is degraded (its file deleted or
+        replaced under the running process, say). Cheap: the engine asks every second."""
+        ...
+
+    async def recreate(self) -> None:
+        """Start over after :meth:`verify` reported a problem; the caller then writes
+        every record it holds. A backend with nothing to recreate does nothing."""
+        ...

@@ -20,14 +20,25 @@ writes, each waiting for the fsyncs and thread hand-offs of all before it, into 
 commit per hand-off. A batch that fails as a whole (a full disk, say) is retried one
 write at a time, so each write gets the outcome it would have had alone.
 
-Several tokend processes on one machine may share the file: the compare-and-swap on
-``version`` keeps their writes from clobbering each other, and the ``leases`` table lets
-only one of them refresh a given account at a time.
+One process per state file: the daemon opens the store ``exclusive``, holding an
+``flock`` on ``PATH.lock`` for as long as it runs, and a second ``tokend run`` on the
+same file exits with one error line instead of spending the same refresh tokens. The
+kernel drops the lock with the process, however it dies, so a successor never waits
+for a dead one's claims: in exclusive mode a claim is the process's own business
+(granted in memory). Without ``exclusive`` (tools, tests), several connections may share
+the file: the compare-and-swap on ``version`` keeps their writes from clobbering each
+other, and the ``leases`` table lets one of them at a time refresh a given account.
+
+The file's identity (device and inode) is noted at open: :meth:`SqliteStore.verify`
+reports a state file deleted or replaced under the running process, which SQLite itself
+never notices (it keeps writing to the unlinked inode), and :meth:`SqliteStore.recreate`
+starts over on a fresh file at the same path.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import math
 import os
 import sqlite3
@@ -138,8 +149,16 @@ _BUSY_CODES: Final = frozenset({5, 6})
 class SqliteStore:
     """A :class:`~tokend.store.Store` in one SQLite file (see the module docstring)."""
 
-    def __init__(self, path: Path | str, *, busy_timeout: float = 5.0) -> None:
+    def __init__(
+        self, path: Path | str, *, busy_timeout: float = 5.0, exclusive: bool = False
+    ) -> None:
         self.path = Path(path)
+        self.exclusive = exclusive
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self._lock_fd: int | None = None
+        # (st_dev, st_ino) of the database file and the lock file as opened.
+        self._identity: tuple[int, int] | None = None
+        self._lock_identity: tuple[int, int] | None = None
         # How long one call waits for another process's write lock before failing. The
         # wait happens on the worker thread, so it delays other store calls but never
         # the event loop.
@@ -182,6 +201,50 @@ class SqliteStore:
             await anyio.to_thread.run_sync(self._close_sync, limiter=limiter)
 
     def _open_sync(self) -> None:
+        if self.exclusive and self._lock_fd is None:
+            self._lock_sync()
+        try:
+            self._connect_sync()
+        except BaseException:
+            self._unlock_sync()
+            raise
+
+    def _lock_sync(self) -> None:
+        """Take the state file's process lock, or say who holds it."""
+        try:
+            self.lock_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StoreError(
+                f"sqlite store {self.path}: cannot open the lock file {self.lock_path}: "
+                f"{exc.strerror or exc}"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            who = f"pid {holder}" if holder.isdigit() else "another process"
+            raise StoreError(
+                f"sqlite store {self.path}: another tokend ({who}) is running on this "
+                "state file; one process per state file (give each its own state.path)"
+            ) from None
+        except OSError as exc:
+            os.close(fd)
+            raise StoreError(
+                f"sqlite store {self.path}: cannot lock {self.lock_path}: {exc.strerror or exc}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        st = os.fstat(fd)
+        self._lock_fd, self._lock_identity = fd, (st.st_dev, st.st_ino)
+
+    def _unlock_sync(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def _connect_sync(self) -> None:
         try:
             self._create_file()
         except OSError as exc:
@@ -216,6 +279,8 @@ class SqliteStore:
             conn.close()
             raise
         self._conn = conn
+        st = os.stat(self.path)
+        self._identity = (st.st_dev, st.st_ino)
 
     def _create_file(self) -> None:
         parent = self.path.parent
@@ -251,6 +316,12 @@ class SqliteStore:
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _close_sync(self) -> None:
+        try:
+            self._disconnect_sync()
+        finally:
+            self._unlock_sync()
+
+    def _disconnect_sync(self) -> None:
         conn, self._conn = self._conn, None
         if conn is None:
             return
@@ -258,6 +329,55 @@ class SqliteStore:
             conn.close()
         except sqlite3.Error as exc:
             raise self._error("close", exc) from None
+
+    # -- identity --------------------------------------------------------------------
+
+    async def verify(self) -> str | None:
+        """None while the file open is still the one at ``path``; else what happened."""
+        return await anyio.to_thread.run_sync(self._verify_sync)
+
+    def _verify_sync(self) -> str | None:
+        if self._identity is None:
+            return None
+        for path, identity, what in (
+            (self.path, self._identity, "state file"),
+            (self.lock_path, self._lock_identity, "state lock file"),
+        ):
+            if identity is None:
+                continue
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                return f"sqlite store {self.path}: the {what} {path} was deleted"
+            except OSError as exc:
+                return f"sqlite store {self.path}: cannot stat the {what}: {exc.strerror or exc}"
+            if (st.st_dev, st.st_ino) != identity:
+                return f"sqlite store {self.path}: the {what} {path} was replaced by another file"
+        return None
+
+    async def recreate(self) -> None:
+        """Reopen on whatever file is at ``path`` now (a new one if none is): after a
+        deleted or replaced state file. The caller writes its records into it."""
+        limiter = self._limiter
+        if limiter is None:
+            raise StoreError(f"sqlite store {self.path}: recreate failed: store is not open")
+
+        def reopen() -> None:
+            self._disconnect_sync()
+            if self.exclusive and self._verify_lock_sync() is not None:
+                self._unlock_sync()
+                self._lock_sync()
+            self._connect_sync()
+
+        async with limiter:
+            await anyio.to_thread.run_sync(reopen)
+
+    def _verify_lock_sync(self) -> str | None:
+        try:
+            st = os.stat(self.lock_path)
+        except OSError:
+            return "gone"
+        return None if (st.st_dev, st.st_ino) == self._lock_identity else "replaced"
 
     # -- reads -----------------------------------------------------------------------
 
@@ -325,6 +445,8 @@ class SqliteStore:
         """
         if not ttl > 0:
             raise ValueError(f"lease ttl must be positive, got {ttl!r}")
+        if self.exclusive:
+            return True  # the process lock already keeps every other process out
 
         def grant(conn: sqlite3.Connection) -> bool:
             # Read the clock after the write lock is held, so "now" is not stale by the
@@ -336,6 +458,9 @@ class SqliteStore:
         return await self._write(f"claim of {account!r}", grant, durable=False)
 
     async def release(self, account: str, owner: str) -> None:
+        if self.exclusive:
+            return
+
         def drop(c: sqlite3.Connection) -> None:
             c.execute("DELETE FROM leases WHERE account = ? AND owner = ?", (account, owner))
 
