@@ -76,6 +76,7 @@ class FakeEngine:
     accounts: dict[str, FakeAccount | Account] = field(default_factory=dict)
     providers: dict[str, FakeProvider] = field(default_factory=dict)
     clock: FixedClock = field(default_factory=FixedClock)
+    store_problem: str | None = None
 
 
 def token(remaining: float, secret: str = "access-token") -> TokenSet:
@@ -157,6 +158,7 @@ async def test_every_series_with_its_type_and_labels() -> None:
         "tokend_token_remaining_seconds": ("histogram", {"provider"}),
         "tokend_circuit_state": ("gauge", {"provider"}),
         "tokend_circuit_open_permanent": ("gauge", {"provider"}),
+        "tokend_store_degraded": ("gauge", set()),
     }
     assert set(families) == set(expected)
     for name, (mtype, labels) in expected.items():

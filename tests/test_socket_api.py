@@ -376,7 +376,7 @@ def test_accounts_show_state_and_never_a_token(
         "next_refresh_at",
         "last_error",
     }
-    assert alice["provider"] == "idp" and alice["state"] in {"valid", "refreshing"}
+    assert alice["provider"] == "idp" and alice["state"] in {"valid", "queued", "refreshing"}
     assert alice["token_valid"] is True and alice["required"] is True
     assert alice["next_refresh_at"] >= int(time.time()) - 1
     assert alice["expires_at"] >= alice["next_refresh_at"]
@@ -640,7 +640,7 @@ def test_readiness_follows_the_first_token_and_tcp_serves_probes_only(
     unavailable = client.request("GET", "/v1/tokens/alice")
     assert unavailable.status == 503
     assert unavailable.json()["error"] == "token_unavailable"
-    assert unavailable.json()["state"] in {"pending", "retrying", "refreshing"}
+    assert unavailable.json()["state"] in {"pending", "queued", "retrying", "refreshing"}
 
     fresh_idp.fault("none")
     wait_until(lambda: client.request("GET", "/readyz").status == 200, 20, what="ready")

@@ -318,11 +318,13 @@ class Api:
 
     def _readyz(self) -> bytes:
         not_ready = self._engine.not_ready()
-        if not not_ready:
+        store_problem = self._engine.store_problem
+        if not not_ready and store_problem is None:
             return self._reply("readyz", 200, _READY)
-        return self._reply(
-            "readyz", 503, json_response(503, {"ready": False, "not_ready": not_ready})
-        )
+        answer: dict[str, object] = {"ready": False, "not_ready": not_ready}
+        if store_problem is not None:
+            answer["store"] = {"degraded": True, "error": store_problem}
+        return self._reply("readyz", 503, json_response(503, answer))
 
     async def _render_metrics(self, accept_encoding: bytes | None) -> bytes:
         encoding = accept_encoding.decode("latin-1") if accept_encoding is not None else None

@@ -39,6 +39,9 @@ The engine's view, computed at scrape time:
 ``tokend_circuit_open_permanent{provider}`` gauge
     1 while the breaker is held open until the configuration changes
     (``invalid_client`` and the like), else 0.
+``tokend_store_degraded`` gauge
+    1 while the durable store is unsound (its file was deleted or replaced and not
+    yet rebuilt, say), else 0. Rotated tokens may not be durable meanwhile.
 
 Opt-in with ``serve.per_account_metrics: true`` (one series per account, so a label
 per account; off by default to keep cardinality bounded by providers and states):
@@ -179,6 +182,9 @@ class EngineView(Protocol):
     @property
     def clock(self) -> Clock: ...
 
+    @property
+    def store_problem(self) -> str | None: ...
+
 
 # -- a scrape's snapshot of the engine --------------------------------------------------
 
@@ -203,6 +209,7 @@ class _AccountsChanged(Exception):
 @dataclass(slots=True)
 class _Snapshot:
     providers: dict[str, _ProviderTally]
+    store_degraded: bool = False
     # Per-account series (opt-in): parallel lists.
     account_names: list[str] | None = None
     account_states: list[AccountState] | None = None
@@ -292,7 +299,12 @@ class _SnapshotCollector:
             if tally.circuit is not None:
                 circuit.add_metric([name], CIRCUIT_STATE_VALUES[tally.circuit])
                 permanent.add_metric([name], 1.0 if tally.permanent else 0.0)
-        yield from (accounts, min_remaining, remaining, circuit, permanent)
+        store = GaugeMetricFamily(
+            "tokend_store_degraded",
+            "1 while the durable store is unsound (its file deleted or replaced, say).",
+        )
+        store.add_metric([], 1.0 if self.snapshot.store_degraded else 0.0)
+        yield from (accounts, min_remaining, remaining, circuit, permanent, store)
 
 
 _EXPIRY_HEADER = (
@@ -533,7 +545,7 @@ class Metrics:
         for name, runtime in engine.providers.items():
             breaker = runtime.breaker
             tallies[name] = _ProviderTally(circuit=breaker.status, permanent=breaker.permanent)
-        snapshot = _Snapshot(tallies)
+        snapshot = _Snapshot(tallies, store_degraded=engine.store_problem is not None)
         names = None
         if self.serve.per_account_metrics:
             names = snapshot.account_names = []
