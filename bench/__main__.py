@@ -15,8 +15,8 @@ import traceback
 
 from bench._common import Options, Row, machine_facts
 
-# Cheapest first, the 100,000-account run last.
-BENCHMARKS = ("cli", "socket", "refresh", "small", "hang", "scale")
+# Cheapest first, then the 100,000-account run; the crash chaos (kill -9 loops) last.
+BENCHMARKS = ("cli", "socket", "refresh", "small", "hang", "scale", "chaos")
 MODULES = {
     "cli": "bench.cli",
     "socket": "bench.socket_latency",
@@ -24,6 +24,7 @@ MODULES = {
     "small": "bench.startup",
     "hang": "bench.hang",
     "scale": "bench.scale",
+    "chaos": "bench.chaos",
 }
 
 
