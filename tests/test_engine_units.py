@@ -15,7 +15,8 @@ from tokend.config import load_config
 from tokend.engine import Engine
 from tokend.model import AccountState, TokenSet
 from tokend.oauth import FailureKind
-from tokend.policy import BreakerStatus, breaker_record, queue_priority
+from tokend.policy import BreakerStatus, breaker_admit, breaker_record, queue_priority
+from tokend.refresh import Admission
 from tokend.runtime import ProviderQueue
 from tokend.store.sqlite import SqliteStore
 
@@ -146,3 +147,36 @@ def test_the_system_clock_counts_a_suspend_as_time() -> None:
         assert abs(clock.monotonic() - time.clock_gettime(time.CLOCK_BOOTTIME)) < 1.0
     before = clock.monotonic()
     assert clock.monotonic() >= before
+
+
+async def test_a_probe_that_never_goes_out_is_abandoned_at_once(tmp_path: Path) -> None:
+    """A half-open breaker's probe that is not sent (its account turned out not to need
+    a refresh, the claim was refused, the in-flight mark could not be written) hands the
+    probe to the next caller now, instead of holding the provider for the probe timeout."""
+    clock = StepClock()
+    engine = await engine_with(tmp_path, clock, ["a"])
+    try:
+        provider = engine.providers["idp"]
+        provider.breaker = breaker_record(
+            provider.breaker, provider.breaker_policy, FailureKind.BLOCKED, clock.wall
+        )
+        clock.wall += provider.breaker.cooldown + 1
+        admission, provider.breaker = breaker_admit(
+            provider.breaker, clock.wall, provider.breaker_policy
+        )
+        assert admission.probe and provider.breaker.status is BreakerStatus.HALF_OPEN
+        account = engine.accounts["a"]
+        handed_back: list[bool] = []
+        await engine._refresh.run(
+            account,
+            provider,
+            Admission(probe=True, done_with_provider=lambda: handed_back.append(True)),
+            forced=False,
+        )
+        assert handed_back
+        assert provider.breaker.status is BreakerStatus.OPEN
+        assert provider.breaker.opened_until == clock.wall
+        again, _ = breaker_admit(provider.breaker, clock.wall, provider.breaker_policy)
+        assert again.allowed and again.probe
+    finally:
+        await engine.store.close()

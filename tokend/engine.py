@@ -193,7 +193,7 @@ class Engine:
     ) -> Account:
         timing = self._timing_for(aconf)
         try:
-            seed = self._read_seed(aconf)
+            seed = await self._read_seed(aconf)
         except (OSError, ValueError) as exc:
             record = stored or StoredAccount(account=name)
             account = Account(name, aconf, timing, record)
@@ -246,11 +246,12 @@ class Engine:
             account.state = AccountState.VALID
             account.last_refresh_at = token.issued_at
 
-    def _read_seed(self, aconf: AccountConfig) -> str | None:
+    async def _read_seed(self, aconf: AccountConfig) -> str | None:
         if aconf.refresh_token is not None:
             seed = aconf.refresh_token.get_secret_value()
         elif aconf.refresh_token_file is not None:
-            seed = read_secret_file(aconf.refresh_token_file)
+            # A worker thread: a slow or hung mount must not stall the event loop.
+            seed = await anyio.to_thread.run_sync(read_secret_file, aconf.refresh_token_file)
         else:
             return None
         register_secret(seed)
@@ -766,7 +767,7 @@ class Engine:
     ) -> None:
         now = self.clock.time()
         try:
-            seed = self._read_seed(aconf)
+            seed = await self._read_seed(aconf)
         except (OSError, ValueError) as exc:
             _log.error("seed_unreadable", account=account.name, error=str(exc))
             return
