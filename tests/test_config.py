@@ -745,8 +745,7 @@ def test_outputs_templates_and_owners_are_checked_with_positions(tmp_path: Path)
         ":2:3: serve.token_file_owner:" in line and "unknown user" in line for line in lines
     ), lines
     assert any(
-        "accounts.alice.outputs.0.template:" in line and "is not allowed" in line
-        for line in lines
+        "accounts.alice.outputs.0.template:" in line and "is not allowed" in line for line in lines
     ), lines
     assert any("accounts.alice.outputs.1.file:" in line and "'..'" in line for line in lines)
     assert not any("rt-canary-0001" in line for line in lines)

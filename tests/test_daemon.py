@@ -403,8 +403,10 @@ def test_full_disk_holds_the_rotated_token_and_publishes_nothing_until_saved(
         filler.unlink()
         tokend.wait_event("commit_recovered", account="alice", timeout=60)
         wait_until(
-            lambda: (read_token_json(tokend, "alice") or {}).get("access_token")
-            not in (None, published["access_token"]),
+            lambda: (
+                (read_token_json(tokend, "alice") or {}).get("access_token")
+                not in (None, published["access_token"])
+            ),
             what="new token file",
         )
         tokend.wait_event("refresh", count=3, account="alice", outcome="success", timeout=30)

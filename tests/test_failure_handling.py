@@ -36,8 +36,11 @@ def test_500s_bounded_attempts_valid_token_served_and_recovery(
     config = base_config(fresh_idp)
     # Refresh early (at 10% of 30 s) so the failures happen while the token is valid.
     config["refresh"] = {"at_fraction": 0.1, "jitter_fraction": 0, "min_margin": "1s"}
-    config["providers"]["idp"]["breaker"] = {"failure_threshold": 5, "cooldown_initial": "2s",
-                                             "cooldown_max": "2s"}
+    config["providers"]["idp"]["breaker"] = {
+        "failure_threshold": 5,
+        "cooldown_initial": "2s",
+        "cooldown_max": "2s",
+    }
     config["accounts"]["alice"] = {"provider": "idp", "refresh_token": seeded["refresh_token"]}
     tokend = tokend_factory(config).start()
     tokend.wait_event("refresh", account="alice", outcome="success")
@@ -61,8 +64,10 @@ def test_500s_bounded_attempts_valid_token_served_and_recovery(
     fresh_idp.fault("none")
     recovered = time.time()
     tokend.wait_event("refresh", account="alice", outcome="success", count=2, timeout=15)
-    print(f"\n500s for 8 s: {len(during)} requests at the IdP; "
-          f"recovered {time.time() - recovered:.1f} s after the faults stopped")
+    print(
+        f"\n500s for 8 s: {len(during)} requests at the IdP; "
+        f"recovered {time.time() - recovered:.1f} s after the faults stopped"
+    )
     assert tokend.stop() == 0
 
 
@@ -77,7 +82,8 @@ def test_429_retry_after_holds_the_whole_provider(fresh_idp: IdP, tokend_factory
     fresh_idp.fault("status_429", retry_after=5, count=1)
     ids = {g["grant_id"] for g in grants}
     limited = wait_until(
-        lambda: [r for r in requests_of(fresh_idp, ids) if r["status"] == 429], timeout=15,
+        lambda: [r for r in requests_of(fresh_idp, ids) if r["status"] == 429],
+        timeout=15,
         what="a 429",
     )[0]
     tokend.wait_event("refresh", outcome="success", count=5, timeout=30)
@@ -108,7 +114,8 @@ def test_403_html_opens_the_breaker_then_one_probe_per_cooldown(
     # Watch ~9 s of blocking: after the first answers, only probes, one per cooldown.
     wait_until(
         lambda: len([r for r in requests_of(fresh_idp, ids) if r["status"] == 403]) >= 4,
-        timeout=20, what="probes",
+        timeout=20,
+        what="probes",
     )
     blocked = [r for r in requests_of(fresh_idp, ids) if r["status"] == 403]
     first = blocked[0]["t_start"]
@@ -121,8 +128,10 @@ def test_403_html_opens_the_breaker_then_one_probe_per_cooldown(
     fresh_idp.fault("none")
     tokend.wait_event("circuit_closed", provider="idp", timeout=15)
     tokend.wait_event("refresh", outcome="success", count=6, timeout=15)
-    print(f"\n403 HTML: {len(opening)} requests before the breaker opened, "
-          f"{len(probes)} probes, gaps {[round(g, 1) for g in gaps]}")
+    print(
+        f"\n403 HTML: {len(opening)} requests before the breaker opened, "
+        f"{len(probes)} probes, gaps {[round(g, 1) for g in gaps]}"
+    )
     assert tokend.stop() == 0
 
 
@@ -189,8 +198,11 @@ def test_hanging_token_endpoint_is_bounded_and_others_carry_on(
     sock = sock_dir / "t.sock"
     config = base_config(fresh_idp, socket=str(sock))
     config["providers"]["slow"] = {
-        "issuer": fresh_idp.issuer, "client_id": "post-client", "client_secret": "post-secret",
-        "auth_method": "client_secret_post", "timeout": "2s",
+        "issuer": fresh_idp.issuer,
+        "client_id": "post-client",
+        "client_secret": "post-secret",
+        "auth_method": "client_secret_post",
+        "timeout": "2s",
     }
     hung = fresh_idp.seed_grant("post-client")
     fine = fresh_idp.seed_grant("basic-client")
@@ -206,21 +218,24 @@ def test_hanging_token_endpoint_is_bounded_and_others_carry_on(
         fresh_idp.fault("hang", client_id="post-client")
         # Wait until a refresh of the other provider hangs at the IdP, then read.
         wait_until(
-            lambda: any(r["t_end"] is None for r in fresh_idp.log()
-                        if r["client_id"] == "post-client"),
-            timeout=15, what="a hanging request",
+            lambda: any(
+                r["t_end"] is None for r in fresh_idp.log() if r["client_id"] == "post-client"
+            ),
+            timeout=15,
+            what="a hanging request",
         )
         during = _read_latencies(sock, "fine", 300)
-        timed_out = tokend.wait_event("refresh", account="hung", outcome="transient",
-                                      timeout=15)[0]
+        timed_out = tokend.wait_event("refresh", account="hung", outcome="transient", timeout=15)[0]
         assert timed_out["reason"] == "timeout"
         assert 1.9 <= timed_out["duration_ms"] / 1000 <= 3.5
         # Meanwhile the other provider's account refreshes on schedule...
         tokend.wait_event("refresh", account="fine", outcome="success", count=3, timeout=20)
         # ...and its token reads keep their latency (generous bound: a noisy machine).
         p99 = lambda xs: xs[int(len(xs) * 0.99) - 1]  # noqa: E731
-        print(f"\ntoken reads p50/p99: {baseline[150] * 1e3:.2f}/{p99(baseline) * 1e3:.2f} ms "
-              f"without a hang, {during[150] * 1e3:.2f}/{p99(during) * 1e3:.2f} ms during one")
+        print(
+            f"\ntoken reads p50/p99: {baseline[150] * 1e3:.2f}/{p99(baseline) * 1e3:.2f} ms "
+            f"without a hang, {during[150] * 1e3:.2f}/{p99(during) * 1e3:.2f} ms during one"
+        )
         assert p99(during) < max(5 * p99(baseline), 0.05)
         fresh_idp.fault("none")
         assert tokend.stop() == 0
@@ -265,8 +280,7 @@ def test_lost_response_without_grace_needs_reauth_with_a_clear_message(
     tokend = tokend_factory(config).start()
     tokend.wait_event("refresh", account="alice", outcome="success")
     fresh_idp.fault("lost_after_rotate", count=1)
-    dead = tokend.wait_event("refresh", account="alice", outcome="account_permanent",
-                             timeout=20)[0]
+    dead = tokend.wait_event("refresh", account="alice", outcome="account_permanent", timeout=20)[0]
     assert dead["state"] == "needs_reauth"
     assert "response was lost" in dead["message"] and "re-authorization" in dead["message"]
     entries = requests_of(fresh_idp, {seeded["grant_id"]})
@@ -281,10 +295,15 @@ def test_2000_accounts_due_at_start_never_exceed_the_rate(
 ) -> None:
     config = base_config(fresh_idp)
     rate, burst = 100, 20
-    config["providers"] = {"cc": {
-        "issuer": fresh_idp.issuer, "client_id": "cc-client", "client_secret": "s3cr:et/+&%=",
-        "rate_limit": {"rate": rate, "burst": burst}, "max_concurrency": 8,
-    }}
+    config["providers"] = {
+        "cc": {
+            "issuer": fresh_idp.issuer,
+            "client_id": "cc-client",
+            "client_secret": "s3cr:et/+&%=",
+            "rate_limit": {"rate": rate, "burst": burst},
+            "max_concurrency": 8,
+        }
+    }
     config["max_concurrency"] = 256
     config["log"] = {"level": "warning"}
     config["accounts"] = {
@@ -306,6 +325,8 @@ def test_2000_accounts_due_at_start_never_exceed_the_rate(
             j += 1
         worst = max(worst, i - j + 1)
     assert worst <= (burst + rate) * 1.05, worst
-    print(f"\n2000 accounts: {len(starts)} requests in {elapsed:.1f} s, "
-          f"busiest 1-s window {worst} (limit {burst + rate})")
+    print(
+        f"\n2000 accounts: {len(starts)} requests in {elapsed:.1f} s, "
+        f"busiest 1-s window {worst} (limit {burst + rate})"
+    )
     assert Path(tokend.workdir / "tokens" / "svc1999" / "token").exists()

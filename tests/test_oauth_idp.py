@@ -205,7 +205,9 @@ async def test_reusing_a_rotated_refresh_token_is_account_permanent(fresh_idp: I
         accepted(await provider.refresh(seed))
         outcome = failed(await provider.refresh(seed), seed)
     assert (outcome.kind, outcome.reason, outcome.status) == (
-        FailureKind.ACCOUNT_PERMANENT, "invalid_grant", 400
+        FailureKind.ACCOUNT_PERMANENT,
+        "invalid_grant",
+        400,
     )
 
 
@@ -285,7 +287,9 @@ async def test_failed_discovery_is_not_cached(fresh_idp: IdP) -> None:
     async with ProviderClient("idp", basic(fresh_idp), transport=transport) as provider:
         outcome = failed(await provider.refresh(seed), seed)
         assert (outcome.kind, outcome.reason, outcome.request_sent) == (
-            FailureKind.TRANSIENT, "discovery_failed", False
+            FailureKind.TRANSIENT,
+            "discovery_failed",
+            False,
         )
         accepted(await provider.refresh(seed))
 
@@ -293,7 +297,9 @@ async def test_failed_discovery_is_not_cached(fresh_idp: IdP) -> None:
 async def test_configured_token_endpoint_skips_discovery(fresh_idp: IdP) -> None:
     transport = RecordingTransport()
     config = provider_config(
-        fresh_idp, "basic-client", client_secret=BASIC_SECRET,
+        fresh_idp,
+        "basic-client",
+        client_secret=BASIC_SECRET,
         token_endpoint=fresh_idp.token_endpoint,
     )
     async with ProviderClient("idp", config, transport=transport) as provider:
@@ -349,7 +355,10 @@ async def refresh_under_fault(
 async def test_500_is_transient_and_spends_nothing(fresh_idp: IdP) -> None:
     outcome, seed, _ = await refresh_under_fault(fresh_idp, "status_500")
     assert (outcome.kind, outcome.reason, outcome.status, outcome.description) == (
-        FailureKind.TRANSIENT, "http_500", 500, "injected fault"
+        FailureKind.TRANSIENT,
+        "http_500",
+        500,
+        "injected fault",
     )
     async with ProviderClient("idp", basic(fresh_idp)) as provider:
         accepted(await provider.refresh(seed))
@@ -358,7 +367,9 @@ async def test_500_is_transient_and_spends_nothing(fresh_idp: IdP) -> None:
 async def test_429_is_rate_limited_with_retry_after(fresh_idp: IdP) -> None:
     outcome, _, _ = await refresh_under_fault(fresh_idp, "status_429", retry_after=7)
     assert (outcome.kind, outcome.status, outcome.retry_after) == (
-        FailureKind.RATE_LIMITED, 429, 7.0
+        FailureKind.RATE_LIMITED,
+        429,
+        7.0,
     )
 
 
@@ -375,14 +386,18 @@ async def test_503_without_retry_after_is_transient(fresh_idp: IdP) -> None:
 async def test_html_403_is_blocked(fresh_idp: IdP) -> None:
     outcome, _, _ = await refresh_under_fault(fresh_idp, "html_403")
     assert (outcome.kind, outcome.reason, outcome.status) == (
-        FailureKind.BLOCKED, "html_block_page", 403
+        FailureKind.BLOCKED,
+        "html_block_page",
+        403,
     )
 
 
 async def test_reset_is_connection_lost(fresh_idp: IdP) -> None:
     outcome, _, _ = await refresh_under_fault(fresh_idp, "reset")
     assert (outcome.kind, outcome.reason, outcome.request_sent) == (
-        FailureKind.TRANSIENT, "connection_lost", True
+        FailureKind.TRANSIENT,
+        "connection_lost",
+        True,
     )
 
 
@@ -391,7 +406,9 @@ async def test_lost_after_rotate_is_connection_lost_and_the_token_is_spent(
 ) -> None:
     outcome, seed, _ = await refresh_under_fault(fresh_idp, "lost_after_rotate")
     assert (outcome.kind, outcome.reason, outcome.request_sent) == (
-        FailureKind.TRANSIENT, "connection_lost", True
+        FailureKind.TRANSIENT,
+        "connection_lost",
+        True,
     )
     async with ProviderClient("idp", basic(fresh_idp)) as provider:
         spent = failed(await provider.refresh(seed), seed)
@@ -401,7 +418,9 @@ async def test_lost_after_rotate_is_connection_lost_and_the_token_is_spent(
 async def test_hang_times_out_within_the_deadline(fresh_idp: IdP) -> None:
     outcome, _, elapsed = await refresh_under_fault(fresh_idp, "hang", provider_timeout=1.0)
     assert (outcome.kind, outcome.reason, outcome.request_sent) == (
-        FailureKind.TRANSIENT, "timeout", True
+        FailureKind.TRANSIENT,
+        "timeout",
+        True,
     )
     assert 0.9 <= elapsed < 2.0
 
@@ -420,7 +439,9 @@ async def test_wrong_secret_is_provider_permanent(fresh_idp: IdP) -> None:
     async with ProviderClient("idp", config) as provider:
         outcome = failed(await provider.refresh(seed), seed, wrong)
     assert (outcome.kind, outcome.reason, outcome.status) == (
-        FailureKind.PROVIDER_PERMANENT, "invalid_client", 401
+        FailureKind.PROVIDER_PERMANENT,
+        "invalid_client",
+        401,
     )
 
 
@@ -441,7 +462,9 @@ async def test_connection_refused_is_not_sent(free_tcp_port: int) -> None:
     async with ProviderClient("idp", config) as provider:
         outcome = failed(await provider.refresh("rt-never-sent"), "rt-never-sent")
     assert (outcome.kind, outcome.reason, outcome.request_sent) == (
-        FailureKind.TRANSIENT, "connect_error", False
+        FailureKind.TRANSIENT,
+        "connect_error",
+        False,
     )
 
 
@@ -466,8 +489,7 @@ async def drip_slowly(stream: anyio.abc.SocketStream) -> None:
         while b"\r\n\r\n" not in received:
             received += await stream.receive()
         await stream.send(
-            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 1000\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
         )
         for _ in range(1000):
             await anyio.sleep(0.1)
@@ -493,16 +515,20 @@ async def test_slow_drip_body_hits_the_total_deadline() -> None:
     # Every byte arrives well within httpx's per-read timeout; only the total deadline
     # ends the exchange.
     assert (outcome.kind, outcome.reason, outcome.request_sent) == (
-        FailureKind.TRANSIENT, "timeout", True
+        FailureKind.TRANSIENT,
+        "timeout",
+        True,
     )
     assert 0.45 <= elapsed < 1.5
 
 
 @pytest.mark.parametrize(
     ("status", "kind", "reason"),
-    [(200, FailureKind.TRANSIENT, "response_too_large"),
-     (502, FailureKind.TRANSIENT, "http_502"),
-     (403, FailureKind.BLOCKED, "html_block_page")],
+    [
+        (200, FailureKind.TRANSIENT, "response_too_large"),
+        (502, FailureKind.TRANSIENT, "http_502"),
+        (403, FailureKind.BLOCKED, "html_block_page"),
+    ],
 )
 async def test_oversized_body_is_cut(status: int, kind: FailureKind, reason: str) -> None:
     body = b"<html>" + b"x" * (1024 * 1024)
@@ -523,8 +549,9 @@ async def test_echoed_refresh_token_and_secret_are_redacted() -> None:
 
     transport = httpx.MockTransport(handler)
     async with ProviderClient("p", memory_config(), transport=transport) as provider:
-        outcome = failed(await provider.refresh("rt-echoed-0123456789"), "rt-echoed-0123456789",
-                         "memory-secret")
+        outcome = failed(
+            await provider.refresh("rt-echoed-0123456789"), "rt-echoed-0123456789", "memory-secret"
+        )
     assert outcome.description is not None
     assert outcome.description == "refresh token [redacted] rejected; auth Basic [redacted]"
 
@@ -536,8 +563,9 @@ async def test_request_headers_and_basic_encoding() -> None:
         seen.append(request)
         return httpx.Response(200, json={"access_token": "at", "expires_in": "60"})
 
-    config = ProviderConfig(token_endpoint=MEMORY_ENDPOINT, client_id="a b",
-                            client_secret=SecretStr("x:y"))
+    config = ProviderConfig(
+        token_endpoint=MEMORY_ENDPOINT, client_id="a b", client_secret=SecretStr("x:y")
+    )
     async with ProviderClient("p", config, transport=httpx.MockTransport(handler)) as provider:
         accepted(await provider.client_credentials())
     [request] = seen
@@ -562,7 +590,9 @@ async def test_empty_refresh_token_is_not_sent() -> None:
     async with ProviderClient("p", memory_config(), transport=transport) as provider:
         outcome = failed(await provider.refresh(""))
     assert (outcome.kind, outcome.reason, outcome.request_sent) == (
-        FailureKind.ACCOUNT_PERMANENT, "missing_refresh_token", False
+        FailureKind.ACCOUNT_PERMANENT,
+        "missing_refresh_token",
+        False,
     )
 
 
@@ -640,25 +670,28 @@ def setup_error(config: ProviderConfig) -> str:
 
 def jwt_config(path: Path, **settings: Any) -> ProviderConfig:
     return ProviderConfig(
-        token_endpoint=MEMORY_ENDPOINT, client_id="c", auth_method="private_key_jwt",
-        private_key_file=path, **settings,
+        token_endpoint=MEMORY_ENDPOINT,
+        client_id="c",
+        auth_method="private_key_jwt",
+        private_key_file=path,
+        **settings,
     )
 
 
 def test_missing_secret_file(tmp_path: Path) -> None:
     path = tmp_path / "absent"
-    message = setup_error(ProviderConfig(
-        token_endpoint=MEMORY_ENDPOINT, client_id="c", client_secret_file=path
-    ))
+    message = setup_error(
+        ProviderConfig(token_endpoint=MEMORY_ENDPOINT, client_id="c", client_secret_file=path)
+    )
     assert str(path) in message and "cannot be read" in message
 
 
 def test_empty_secret_file(tmp_path: Path) -> None:
     path = tmp_path / "secret"
     path.write_text("\n")
-    message = setup_error(ProviderConfig(
-        token_endpoint=MEMORY_ENDPOINT, client_id="c", client_secret_file=path
-    ))
+    message = setup_error(
+        ProviderConfig(token_endpoint=MEMORY_ENDPOINT, client_id="c", client_secret_file=path)
+    )
     assert "empty" in message
 
 
@@ -669,10 +702,13 @@ def test_missing_key_file(tmp_path: Path) -> None:
 
 def test_encrypted_pem(tmp_path: Path) -> None:
     path = tmp_path / "key.pem"
-    path.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.BestAvailableEncryption(b"pw"),
-    ))
+    path.write_bytes(
+        ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"pw"),
+        )
+    )
     assert "encrypted" in setup_error(jwt_config(path))
 
 
@@ -689,10 +725,13 @@ def test_signing_alg_must_fit_the_key(idp_keys: dict[str, Any]) -> None:
 
 def test_other_curves_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "p384.pem"
-    path.write_bytes(ec.generate_private_key(ec.SECP384R1()).private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ))
+    path.write_bytes(
+        ec.generate_private_key(ec.SECP384R1()).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     assert "P-256" in setup_error(jwt_config(path))
 
 

@@ -148,8 +148,15 @@ def test_minimal_token_response_gets_defaults() -> None:
 
 @pytest.mark.parametrize(
     ("token_type", "expected"),
-    [("bearer", "Bearer"), ("BEARER", "Bearer"), (" Bearer ", "Bearer"), ("DPoP", "DPoP"),
-     ("", "Bearer"), (None, "Bearer"), (7, "Bearer")],
+    [
+        ("bearer", "Bearer"),
+        ("BEARER", "Bearer"),
+        (" Bearer ", "Bearer"),
+        ("DPoP", "DPoP"),
+        ("", "Bearer"),
+        (None, "Bearer"),
+        (7, "Bearer"),
+    ],
 )
 def test_token_type_is_normalised(token_type: object, expected: str) -> None:
     assert token(respond(200, {"access_token": "a", "token_type": token_type})).token_type == (
@@ -209,13 +216,22 @@ def test_secrets_are_not_in_token_response_repr() -> None:
 
 @pytest.mark.parametrize(
     "body",
-    [{}, {"access_token": ""}, {"access_token": "  "}, {"access_token": 42},
-     {"access_token": None}, {"access_token": "a\nb"}, {"token_type": "Bearer"}],
+    [
+        {},
+        {"access_token": ""},
+        {"access_token": "  "},
+        {"access_token": 42},
+        {"access_token": None},
+        {"access_token": "a\nb"},
+        {"token_type": "Bearer"},
+    ],
 )
 def test_2xx_without_usable_access_token(body: object) -> None:
     outcome = failure(respond(200, body))
     assert (outcome.kind, outcome.reason, outcome.status) == (
-        FailureKind.TRANSIENT, "invalid_token_response", 200
+        FailureKind.TRANSIENT,
+        "invalid_token_response",
+        200,
     )
 
 
@@ -240,7 +256,9 @@ def test_deeply_nested_json_does_not_raise() -> None:
 def test_2xx_carrying_an_rfc_error_is_classified_by_the_code() -> None:
     outcome = failure(respond(200, {"error": "invalid_grant", "error_description": "gone"}))
     assert (outcome.kind, outcome.reason, outcome.description) == (
-        FailureKind.ACCOUNT_PERMANENT, "invalid_grant", "gone"
+        FailureKind.ACCOUNT_PERMANENT,
+        "invalid_grant",
+        "gone",
     )
 
 
@@ -272,7 +290,10 @@ def test_2xx_carrying_an_unknown_error_is_an_invalid_response() -> None:
 def test_rfc6749_error_codes(status: int, code: str, kind: FailureKind) -> None:
     outcome = failure(respond(status, {"error": code, "error_description": "why"}))
     assert (outcome.kind, outcome.reason, outcome.status, outcome.description) == (
-        kind, code, status, "why"
+        kind,
+        code,
+        status,
+        "why",
     )
     assert outcome.request_sent
 
@@ -302,14 +323,18 @@ def test_statuses_without_a_body(status: int, kind: FailureKind) -> None:
 def test_5xx_is_transient_whatever_the_body_claims() -> None:
     outcome = failure(respond(500, {"error": "invalid_grant", "error_description": "oops"}))
     assert (outcome.kind, outcome.reason, outcome.description) == (
-        FailureKind.TRANSIENT, "http_500", "oops"
+        FailureKind.TRANSIENT,
+        "http_500",
+        "oops",
     )
 
 
 def test_429_is_rate_limited_with_retry_after() -> None:
     outcome = failure(respond(429, {"error": "too_many_requests"}, {"Retry-After": "30"}))
     assert (outcome.kind, outcome.reason, outcome.retry_after) == (
-        FailureKind.RATE_LIMITED, "http_429", 30.0
+        FailureKind.RATE_LIMITED,
+        "http_429",
+        30.0,
     )
 
 
@@ -337,7 +362,9 @@ BLOCK_PAGE = b"""<!DOCTYPE html>
 def test_403_html_is_a_block_page_with_its_title() -> None:
     outcome = failure(respond(403, raw=BLOCK_PAGE, headers={"Content-Type": "text/html"}))
     assert (outcome.kind, outcome.reason, outcome.description) == (
-        FailureKind.BLOCKED, "html_block_page", "Attention Required! & Cloudflare"
+        FailureKind.BLOCKED,
+        "html_block_page",
+        "Attention Required! & Cloudflare",
     )
 
 
@@ -357,10 +384,11 @@ def test_403_truncated_html_is_still_a_block_page() -> None:
 
 
 def test_html_5xx_is_transient_with_the_title() -> None:
-    outcome = failure(respond(502, raw=b"<html><title>502 Bad Gateway</title></html>",
-                              headers={}))
+    outcome = failure(respond(502, raw=b"<html><title>502 Bad Gateway</title></html>", headers={}))
     assert (outcome.kind, outcome.reason, outcome.description) == (
-        FailureKind.TRANSIENT, "http_502", "502 Bad Gateway"
+        FailureKind.TRANSIENT,
+        "http_502",
+        "502 Bad Gateway",
     )
 
 
@@ -447,8 +475,9 @@ header_maps = st.dictionaries(
 )
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=10), inner,
-                                                                 max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=10), inner, max_size=3)
+    ),
     max_leaves=8,
 )
 token_bodies = st.fixed_dictionaries(
@@ -463,8 +492,9 @@ token_bodies = st.fixed_dictionaries(
         "error_description": json_values,
     },
 ).map(lambda body: json.dumps(body).encode())
-secret_text = st.text(alphabet="ABCDEFGHJKLMNPQRSTUVWXYZabcdefghjkmnpqrstuvwxyz23456789-_",
-                      min_size=16, max_size=40)
+secret_text = st.text(
+    alphabet="ABCDEFGHJKLMNPQRSTUVWXYZabcdefghjkmnpqrstuvwxyz23456789-_", min_size=16, max_size=40
+)
 
 
 def check_failure_bounds(outcome: TokenFailure) -> None:
@@ -507,16 +537,22 @@ REQUEST = httpx.Request("POST", "https://idp.example/token")
 @pytest.mark.parametrize(
     ("exc", "reason", "sent"),
     [
-        (httpx.ConnectError("[Errno 111] Connection refused", request=REQUEST),
-         "connect_error", False),
+        (
+            httpx.ConnectError("[Errno 111] Connection refused", request=REQUEST),
+            "connect_error",
+            False,
+        ),
         (httpx.ConnectTimeout("timed out", request=REQUEST), "timeout", False),
         (httpx.PoolTimeout("timed out", request=REQUEST), "timeout", False),
         (httpx.ReadTimeout("timed out", request=REQUEST), "timeout", True),
         (httpx.WriteTimeout("timed out", request=REQUEST), "timeout", True),
         (httpx.ReadError("reset by peer", request=REQUEST), "connection_lost", True),
         (httpx.WriteError("broken pipe", request=REQUEST), "connection_lost", True),
-        (httpx.RemoteProtocolError("Server disconnected", request=REQUEST),
-         "connection_lost", True),
+        (
+            httpx.RemoteProtocolError("Server disconnected", request=REQUEST),
+            "connection_lost",
+            True,
+        ),
         (TimeoutError(), "timeout", True),
         (OSError("weird"), "network_error", True),
     ],
@@ -524,7 +560,10 @@ REQUEST = httpx.Request("POST", "https://idp.example/token")
 def test_transport_errors(exc: Exception, reason: str, sent: bool) -> None:
     outcome = classify_transport_error(exc)
     assert (outcome.kind, outcome.reason, outcome.request_sent, outcome.status) == (
-        FailureKind.TRANSIENT, reason, sent, None
+        FailureKind.TRANSIENT,
+        reason,
+        sent,
+        None,
     )
 
 
@@ -576,7 +615,9 @@ def test_post_credentials() -> None:
 def test_none_credentials() -> None:
     credentials = ClientAuth("none", "public-client").credentials("https://x/token", NOW)
     assert (credentials.headers, credentials.form, credentials.secrets) == (
-        {}, {"client_id": "public-client"}, ()
+        {},
+        {"client_id": "public-client"},
+        (),
     )
 
 

@@ -380,3 +380,17 @@ def test_chaos_short_kill9_during_rotation_loses_nothing_inside_a_grace(
     assert result.grace_reuses == result.represented
     assert result.represented < result.kills
     assert result.refreshes > result.kills
+
+
+def test_a_dead_chain_stays_dead_across_a_restart(fresh_idp: IdP, tokend_factory: Any) -> None:
+    """After invalid_grant the account needs re-authorization, and a restart does not
+    send the dead token again: the state comes back from the store."""
+    seeded = fresh_idp.seed_grant("basic-client")
+    fresh_idp.revoke_grant(seeded["grant_id"])
+    config = base_config(fresh_idp)
+    config["accounts"]["alice"] = {"provider": "idp", "refresh_token": seeded["refresh_token"]}
+    tokend = tokend_factory(config)
+    assert tokend.run_once().returncode == 1
+    assert len(grant_requests(fresh_idp, {seeded["grant_id"]})) == 1
+    assert tokend.run_once().returncode == 1
+    assert len(grant_requests(fresh_idp, {seeded["grant_id"]})) == 1

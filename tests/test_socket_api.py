@@ -913,7 +913,8 @@ def test_live_metrics_parse_and_carry_the_documented_names(
     for name, kind in expected.items():
         assert name in families and families[name].type == kind, name
     success = [
-        s for s in families["tokend_refresh"].samples
+        s
+        for s in families["tokend_refresh"].samples
         if s.labels == {"provider": "idp", "outcome": "success"} and s.name.endswith("_total")
     ]
     assert success and success[0].value >= 1

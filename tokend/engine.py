@@ -38,7 +38,7 @@ from tokend.config import (
 )
 from tokend.logs import get_logger, register_secret
 from tokend.model import AccountState, StoredAccount, TokenSet, fingerprint
-from tokend.oauth import ProviderClient
+from tokend.oauth import FailureKind, ProviderClient
 from tokend.observe import Observer
 from tokend.policy import (
     AccountPolicyState,
@@ -231,6 +231,14 @@ class Engine:
                 )
             record = await self._put_or_keep(record)
         account = Account(name, aconf, timing, record)
+        if record.last_outcome == FailureKind.ACCOUNT_PERMANENT.value:
+            # The IdP declared this chain dead before the restart: sending it again
+            # would only meet invalid_grant (or, with rotation, count as token reuse).
+            # A new seed revives it. A still-valid access token is served until it expires.
+            self._adopt_stored_token(account, now)
+            account.state = AccountState.NEEDS_REAUTH
+            account.last_error = record.last_error
+            return account
         if record.in_flight_since is not None:
             # The last run may have lost a rotated token: the policy treats the next
             # invalid_grant as the consequence of that, and may use the reuse grace.
