@@ -39,11 +39,10 @@ def test_one_providers_backlog_never_delays_another(fresh_idp: IdP, tokend_facto
         hits = tokend.events("refresh", outcome="success")
         return {e["account"] for e in hits} & set(names)
 
-    wait_until(lambda: refreshed(fast) == set(fast), 20, what="the healthy provider's tokens")
-    waited = time.monotonic() - started
-    # 250 accounts at 5/s take 50 s; the other provider did not wait behind them.
-    assert len(refreshed(slow)) < 100, waited
-    assert waited < 10, waited
+    wait_until(lambda: refreshed(fast) == set(fast), 30, what="the healthy provider's tokens")
+    # 250 accounts at 5/s take 50 s; the other provider did not wait behind them (with
+    # shared slots it waited for its place among them: on average half the backlog).
+    assert len(refreshed(slow)) < 40, time.monotonic() - started
     assert tokend.stop() == 0
 
 

@@ -325,6 +325,10 @@ class Refresh:
             committed = await self.commit(account, record)
         if committed:
             retire_secrets(account, replaced, used_refresh_token if rotated else None)
+            if account.record.token is not None:
+                # Published before the refresh is logged: whoever reads the log line
+                # finds the new token in every output.
+                await publish(host, account, account.record.token)
         next_at = account.next_attempt_at
         outcome = "success" if committed else "unsaved"
         for observer in host.observers:
@@ -339,8 +343,6 @@ class Refresh:
             expires_at=iso(token.expires_at),
             next_refresh_at=iso(next_at) if next_at else None,
         )
-        if committed and account.record.token is not None:
-            await publish(host, account, account.record.token)
 
     async def commit(self, account: Account, record: StoredAccount) -> bool:
         """Durably store ``record`` (bounded by :data:`COMMIT_TIMEOUT`) and set the next
