@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import anyio
+import httpx
 import pytest
 import yaml
 
@@ -33,7 +34,9 @@ from tokend.oauth._authorize import (
     device_poll_step,
     parse_device_authorization,
 )
+from tokend.oauth._http import RawResponse
 from tokend.oauth._outcome import FailureKind, TokenFailure
+from tokend.revoke import revocation_problem
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -344,3 +347,50 @@ def test_device_poll_step_backs_off_on_transient_failures() -> None:
     assert device_poll_step(limited, 5) == PollAgain(30)
     with pytest.raises(AuthorizationError, match="invalid_client"):
         device_poll_step(TokenFailure(FailureKind.PROVIDER_PERMANENT, "invalid_client"), 5)
+
+
+# -- tokend revoke -------------------------------------------------------------------------------
+
+
+def test_revoke_ends_the_grant_at_the_idp(fresh_idp: IdP, workdir: Path) -> None:
+    write_config(workdir, login_config(fresh_idp, refresh_token=fresh_idp.seed("login-client")))
+    assert run_once(workdir).returncode == 0
+    held = stored_refresh_token(workdir)
+    assert held
+
+    result = subprocess.run(
+        [sys.executable, "-m", "tokend", "revoke", "alice", "-c", "config.yaml"],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "revoked at the provider" in result.stderr
+    assert held not in result.stderr + result.stdout
+    assert stored_refresh_token(workdir) is None
+
+    # The IdP no longer honours the token tokend held...
+    refused = httpx.post(
+        fresh_idp.token_endpoint,
+        data={"grant_type": "refresh_token", "refresh_token": held},
+        auth=("login-client", LOGIN_SECRET),
+    )
+    assert refused.status_code == 400
+    assert refused.json()["error"] == "invalid_grant"
+    # ...and tokend does not fall back to the configured seed.
+    assert run_once(workdir).returncode == 1
+    assert stored_refresh_token(workdir) is None
+
+
+def test_revocation_answers() -> None:
+    def answer(status: int, body: bytes) -> RawResponse:
+        return RawResponse(status, httpx.Headers(), body, False)
+
+    assert revocation_problem(answer(200, b"")) is None
+    assert "unsupported_token_type" in (
+        revocation_problem(answer(400, b'{"error":"unsupported_token_type"}')) or ""
+    )
+    assert revocation_problem(answer(503, b"<html>")) == (
+        "the revocation endpoint answered HTTP 503; nothing was changed"
+    )

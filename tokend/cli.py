@@ -220,6 +220,21 @@ def _login(args: argparse.Namespace) -> int:
     )
 
 
+def _add_revoke(commands: Commands) -> None:
+    revoke = commands.add_parser(
+        "revoke", help="revoke an account's refresh token at the IdP (RFC 7009)"
+    )
+    revoke.add_argument("account", metavar="ACCOUNT")
+    add_config_arg(revoke)
+    revoke.set_defaults(func=_revoke)
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    from tokend.revoke import revoke_command
+
+    return revoke_command(args.account, config_arg=args.config)
+
+
 # In the order `tokend --help` lists them.
 COMMANDS: tuple[Callable[[Commands], None], ...] = (
     _add_run,
@@ -227,6 +242,7 @@ COMMANDS: tuple[Callable[[Commands], None], ...] = (
     _add_token,
     _add_status,
     _add_login,
+    _add_revoke,
 )
 
 

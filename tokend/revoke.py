@@ -1,0 +1,150 @@
+"""``tokend revoke``: end an account's grant at the IdP (RFC 7009) and forget its tokens.
+
+The refresh token tokend holds (the store's, else the configured seed) is revoked at
+the provider's ``revocation_endpoint``, then the access token if one is still valid.
+The stored record then holds neither, and says why: the account is ``needs_reauth``
+until ``tokend login`` (or a new seed) revives it. Nothing is printed of any token.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+import anyio
+
+from tokend.config import AccountConfig, Config, ConfigError, load_config, resolve_config_path
+from tokend.oauth import ProviderClient, ProviderSetupError, TokenFailure
+from tokend.oauth._http import RawResponse
+from tokend.oauth._parse import clean_error_code, decode_json_object
+
+REVOKED_NOTE = "refresh token revoked by tokend revoke; run tokend login to sign in again"
+
+
+class RevokeError(Exception):
+    """Revocation failed; the message says why (never quoting a token)."""
+
+
+def revoke_command(account: str, *, config_arg: str | None, err: TextIO = sys.stderr) -> int:
+    """``tokend revoke``: 0 when revoked, 1 when it failed, 2 for a bad config or an
+    unknown account."""
+    path = resolve_config_path(config_arg, os.environ)
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(str(exc), file=err)
+        print(f"{path}: {len(exc.errors)} error(s)", file=err)
+        return 2
+    aconf = config.accounts.get(account)
+    if aconf is None:
+        known = ", ".join(sorted(config.accounts)) or "none"
+        print(f"{path}: no account {account!r} (accounts: {known})", file=err)
+        return 2
+    socket_path = config.serve.socket
+    if socket_path is not None and daemon_answers(socket_path):
+        print(
+            f"tokend revoke {account}: tokend is running on {socket_path}: stop it first "
+            "(it holds the store and the account's current refresh token)",
+            file=err,
+        )
+        return 1
+    try:
+        message = anyio.run(_revoke_stored, config, account, aconf)
+    except RevokeError as exc:
+        print(f"tokend revoke {account}: {exc}", file=err)
+        return 1
+    print(f"tokend revoke {account}: {message}", file=err)
+    return 0
+
+
+def daemon_answers(socket_path: Path) -> bool:
+    """Whether a process accepts connections on the daemon's socket."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2.0)
+        try:
+            probe.connect(os.fspath(socket_path))
+        except OSError:
+            return False
+    return True
+
+
+async def revoke_token(client: ProviderClient, token: str, hint: str) -> None:
+    """Revoke one token (RFC 7009 2.1); raises RevokeError unless the IdP says done."""
+    answer = await client.revoke(token, hint)
+    if isinstance(answer, TokenFailure):
+        raise RevokeError(f"the revocation request failed: {answer.summary()}")
+    problem = revocation_problem(answer)
+    if problem is not None:
+        raise RevokeError(problem)
+
+
+def revocation_problem(answer: RawResponse) -> str | None:
+    """Why a revocation response is not a success (RFC 7009 2.2), or None: a 200 means
+    the token is revoked or was invalid already, which ends the same way."""
+    if answer.status == 200:
+        return None
+    document = decode_json_object(answer.body)
+    code = clean_error_code(document.get("error")) if document is not None else None
+    if code == "unsupported_token_type":
+        return "the provider does not revoke this type of token (unsupported_token_type)"
+    detail = f" ({code})" if code else ""
+    return f"the revocation endpoint answered HTTP {answer.status}{detail}; nothing was changed"
+
+
+async def _revoke_stored(config: Config, name: str, aconf: AccountConfig) -> str:
+    from tokend.config import read_secret_file
+    from tokend.store import StoreError, open_store
+
+    pconf = config.providers[aconf.provider]
+    store = open_store(config.state)
+    try:
+        await store.open()
+    except StoreError as exc:
+        raise RevokeError(f"cannot open the store: {exc}") from None
+    try:
+        record = await store.load(name)
+        refresh_token = record.refresh_token if record is not None else None
+        if refresh_token is None and record is None:
+            # Never started: the configured seed is the grant's only token.
+            if aconf.refresh_token is not None:
+                refresh_token = aconf.refresh_token.get_secret_value()
+            elif aconf.refresh_token_file is not None:
+                try:
+                    refresh_token = read_secret_file(aconf.refresh_token_file)
+                except (OSError, ValueError) as exc:
+                    raise RevokeError(str(exc)) from None
+        access = record.token if record is not None else None
+        if refresh_token is None and (access is None or not access.is_valid(time.time())):
+            return "tokend holds no token for this account; nothing to revoke"
+        try:
+            client = ProviderClient(aconf.provider, pconf)
+        except ProviderSetupError as exc:
+            raise RevokeError(str(exc)) from None
+        async with client:
+            if refresh_token is not None:
+                await revoke_token(client, refresh_token, "refresh_token")
+            if access is not None and access.is_valid(time.time()):
+                await revoke_token(client, access.access_token, "access_token")
+        if record is not None:
+            try:
+                await store.put(
+                    record.evolve(
+                        refresh_token=None,
+                        token=None,
+                        in_flight_since=None,
+                        last_outcome="revoked",
+                        last_error=REVOKED_NOTE,
+                        updated_at=time.time(),
+                    )
+                )
+            except StoreError as exc:
+                raise RevokeError(
+                    f"revoked at the provider, but the store could not be updated: {exc}"
+                ) from None
+    finally:
+        await store.close()
+    return "revoked at the provider; the account needs a new sign-in (tokend login)"
