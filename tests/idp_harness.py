@@ -37,6 +37,7 @@ import contextlib
 import hashlib
 import json
 import shutil
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -345,8 +346,13 @@ class IdP:
         reuse_grace_seconds: int = 0,
         port: int = 0,
         refresh_token_ttl: int = 86400,
+        tls: dict[str, str] | None = None,
     ) -> None:
         self.workdir = Path(workdir).resolve()
+        #: ``{"cert", "key", "ca"}`` (PEM file paths): serve HTTPS, asking clients for
+        #: a certificate issued by ``ca`` (or any, for self-signed client auth); the
+        #: mTLS client methods and certificate-bound access tokens are then on.
+        self.tls = tls
         self.keys: dict[str, Any] | None = None
         self._clients = clients
         self.settings: dict[str, Any] = {
@@ -405,6 +411,8 @@ class IdP:
             "exit_on_stdin_eof": True,
             "clients": self.clients,
         }
+        if self.tls is not None:
+            config["tls"] = self.tls
         self.config_path.write_text(json.dumps(config, indent=2) + "\n")
 
         self._ready.clear()
@@ -443,7 +451,15 @@ class IdP:
             ready = json.loads(self._ready_line.split(" ", 1)[1])
             self.port = int(ready["port"])
             self.issuer = ready["issuer"]
-            self._http = httpx.Client(base_url=self.issuer, timeout=10.0)
+            self._http = httpx.Client(
+                base_url=self.issuer,
+                timeout=10.0,
+                verify=(
+                    ssl.create_default_context(cafile=self.tls["ca"])
+                    if self.tls is not None
+                    else True
+                ),
+            )
             response = self._http.get("/.well-known/openid-configuration")
             response.raise_for_status()
             self.metadata = response.json()

@@ -21,6 +21,11 @@
 //   exit_on_stdin_eof      bool: exit when stdin closes, so the server never
 //                          outlives the process that started it (default false)
 //   clients                list of oidc-provider client metadata objects
+//   tls                    {cert, key, ca}: PEM file paths. Serve HTTPS and ask every
+//                          client for a certificate (verified against ca for
+//                          tls_client_auth; any for self_signed_tls_client_auth);
+//                          mTLS client authentication and certificate-bound
+//                          access tokens are then enabled
 //
 // Control API (never part of OAuth), all JSON:
 //   POST   /_test/seed          {client_id, scope?, account_id?} -> {refresh_token, grant_id, ...}
@@ -43,6 +48,7 @@
 import { createHash, generateKeyPairSync, randomBytes, randomUUID } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { createServer } from 'node:http';
+import { createServer as createHttpsServer } from 'node:https';
 
 // oidc-provider prints notices with console.info (stdout). stdout is reserved
 // for the READY line, so route every console message to stderr.
@@ -261,6 +267,10 @@ const providerConfiguration = {
   cookies: { keys: [randomBytes(32).toString('hex')] },
   scopes: [...allScopes],
   clockTolerance: 2,
+  clientAuthMethods: [
+    'client_secret_basic', 'client_secret_jwt', 'client_secret_post', 'private_key_jwt', 'none',
+    ...(config.tls ? ['tls_client_auth', 'self_signed_tls_client_auth'] : []),
+  ],
   routes: { token: '/token' },
   features: {
     devInteractions: { enabled: true },
@@ -275,6 +285,23 @@ const providerConfiguration = {
     revocation: {
       enabled: true,
       allowedPolicy: async (ctx, client, token) => token.clientId === client.clientId,
+    },
+    // The client certificate is the TLS connection's own (node:https with requestCert).
+    mTLS: {
+      enabled: !!config.tls,
+      certificateBoundAccessTokens: true,
+      tlsClientAuth: true,
+      selfSignedTlsClientAuth: true,
+      getCertificate: (ctx) => ctx.req.socket.getPeerX509Certificate?.(),
+      certificateAuthorized: (ctx) => ctx.req.socket.authorized === true,
+      certificateSubjectMatches: (ctx, property, expected) => {
+        const cert = ctx.req.socket.getPeerX509Certificate?.();
+        if (!cert) return false;
+        if (property === 'tls_client_auth_san_dns') {
+          return (cert.subjectAltName ?? '').split(', ').includes(`DNS:${expected}`);
+        }
+        return false;
+      },
     },
     resourceIndicators: {
       enabled: true,
@@ -724,7 +751,8 @@ async function control(provider, ctx) {
     }
   } catch (err) {
     status = 400;
-    body = { error: 'bad_request', error_description: err.message };
+    const detail = err.error_description ? `: ${err.error_description}` : '';
+    body = { error: 'bad_request', error_description: `${err.message}${detail}` };
   }
   ctx.status = status;
   ctx.body = body;
@@ -733,10 +761,20 @@ async function control(provider, ctx) {
 // ---------------------------------------------------------------------------
 // startup
 
-const server = createServer();
+const server = config.tls
+  ? createHttpsServer({
+    cert: readFileSync(config.tls.cert),
+    key: readFileSync(config.tls.key),
+    ca: readFileSync(config.tls.ca),
+    requestCert: true,
+    // Unverified (self-signed) certificates are accepted at the TLS layer and judged
+    // by client authentication: certificateAuthorized says whether ca issued it.
+    rejectUnauthorized: false,
+  })
+  : createServer();
 server.listen(config.port ?? 0, '127.0.0.1', () => {
   const { port } = server.address();
-  const issuer = `http://127.0.0.1:${port}`;
+  const issuer = `${config.tls ? 'https' : 'http'}://127.0.0.1:${port}`;
   const provider = new Provider(issuer, providerConfiguration);
 
   provider.on('server_error', (ctx, err) => console.error('server_error', err));

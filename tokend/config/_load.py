@@ -71,6 +71,9 @@ _PATH_KEYS: tuple[tuple[tuple[str, ...], bool], ...] = (
     (("serve", "token_dir"), False),
     (("providers", "*", "client_secret_file"), True),
     (("providers", "*", "private_key_file"), True),
+    (("providers", "*", "tls_client_cert_file"), True),
+    (("providers", "*", "tls_client_key_file"), True),
+    (("providers", "*", "tls_ca_file"), True),
     (("accounts", "*", "refresh_token_file"), True),
 )
 
@@ -241,7 +244,13 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         name: provider.model_copy(
             update={
                 key: _under(base, value)
-                for key in ("client_secret_file", "private_key_file")
+                for key in (
+                    "client_secret_file",
+                    "private_key_file",
+                    "tls_client_cert_file",
+                    "tls_client_key_file",
+                    "tls_ca_file",
+                )
                 if (value := getattr(provider, key)) is not None
             }
         )

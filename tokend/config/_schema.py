@@ -248,10 +248,23 @@ class ProviderConfig(_Model):
     client_id: str
     client_secret: SecretStr | None = None
     client_secret_file: Path | None = None
-    auth_method: Literal["client_secret_basic", "client_secret_post", "private_key_jwt", "none"] = (
-        "client_secret_basic"
-    )
+    auth_method: Literal[
+        "client_secret_basic",
+        "client_secret_post",
+        "private_key_jwt",
+        "tls_client_auth",
+        "self_signed_tls_client_auth",
+        "none",
+    ] = "client_secret_basic"
     private_key_file: Path | None = None
+    # A client certificate (PEM) and its key, presented on every TLS connection to the
+    # IdP: client authentication for the tls_client_auth methods (RFC 8705), and what
+    # certificate-bound access tokens are bound to with any method.
+    tls_client_cert_file: Path | None = None
+    tls_client_key_file: Path | None = None
+    # CA certificates (PEM) to verify the IdP's TLS certificate with, instead of the
+    # system's.
+    tls_ca_file: Path | None = None
     # Signing algorithm for private_key_jwt; default from the key type (EC P-256 -> ES256).
     signing_alg: Literal["ES256", "RS256"] | None = None
     user_agent: str | None = None
@@ -308,6 +321,12 @@ class ProviderConfig(_Model):
             raise ValueError("auth_method private_key_jwt needs private_key_file")
         if self.auth_method != "private_key_jwt" and self.private_key_file is not None:
             raise ValueError("private_key_file is only used with auth_method private_key_jwt")
+        if (self.tls_client_cert_file is None) != (self.tls_client_key_file is None):
+            raise ValueError("set tls_client_cert_file and tls_client_key_file together")
+        if self.auth_method.endswith("tls_client_auth") and self.tls_client_cert_file is None:
+            raise ValueError(
+                f"auth_method {self.auth_method} needs tls_client_cert_file and tls_client_key_file"
+            )
         if self.auth_method != "private_key_jwt" and self.signing_alg is not None:
             raise ValueError("signing_alg is only used with auth_method private_key_jwt")
         return self

@@ -10,10 +10,13 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, cast
 from urllib.parse import quote_plus
+
+import certifi
 
 from tokend.config import ProviderConfig
 
@@ -25,7 +28,14 @@ if TYPE_CHECKING:
 # jwt and cryptography are imported only where private_key_jwt needs them: they cost
 # every tokend ~45 ms of start time and ~10 MB of memory otherwise.
 
-AuthMethod = Literal["client_secret_basic", "client_secret_post", "private_key_jwt", "none"]
+AuthMethod = Literal[
+    "client_secret_basic",
+    "client_secret_post",
+    "private_key_jwt",
+    "tls_client_auth",
+    "self_signed_tls_client_auth",
+    "none",
+]
 SigningAlg = Literal["ES256", "RS256"]
 
 JWT_BEARER_ASSERTION = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -152,10 +162,47 @@ class ClientAuth:
                 "client_assertion": assertion,
             }
             return ClientCredentials({}, form, (assertion,))
+        # none, and the tls_client_auth methods (the TLS connection carries the
+        # certificate that authenticates; RFC 8705 2 still names the client).
         return ClientCredentials({}, {"client_id": self._client_id}, ())
 
     def __repr__(self) -> str:
         return f"ClientAuth(method={self._method!r}, client_id={self._client_id!r})"
+
+
+def tls_context(provider: str, config: ProviderConfig) -> ssl.SSLContext | None:
+    """The TLS context for connections to the IdP when the provider has a client
+    certificate or its own CA file (else None: httpx's default verification).
+    Raises ProviderSetupError saying which file is wrong."""
+    cert, key, ca = config.tls_client_cert_file, config.tls_client_key_file, config.tls_ca_file
+    if cert is None and ca is None:
+        return None
+    where = f"provider {provider!r}"
+    try:
+        # Without a CA file, the same CA bundle httpx verifies with by default.
+        context = ssl.create_default_context(cafile=str(ca) if ca is not None else certifi.where())
+    except (OSError, ssl.SSLError) as exc:
+        raise ProviderSetupError(
+            f"{where}: tls_ca_file {str(ca)!r} holds no usable CA certificate ({_ssl_reason(exc)})"
+        ) from None
+    if cert is not None:
+        assert key is not None  # the schema sets both or neither
+        try:
+            context.load_cert_chain(str(cert), str(key))
+        except (OSError, ssl.SSLError) as exc:
+            raise ProviderSetupError(
+                f"{where}: tls_client_cert_file {str(cert)!r} and tls_client_key_file "
+                f"{str(key)!r} are not a PEM certificate and its unencrypted private key "
+                f"({_ssl_reason(exc)})"
+            ) from None
+    return context
+
+
+def _ssl_reason(exc: OSError | ssl.SSLError) -> str:
+    # The reason code alone: a library message could quote file content.
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return str(exc.reason).lower()
+    return (exc.strerror or type(exc).__name__).lower()
 
 
 def load_client_secret(provider: str, config: ProviderConfig) -> str:

@@ -10,7 +10,7 @@ import anyio
 import httpx
 
 from tokend.config import ProviderConfig
-from tokend.oauth._auth import ClientAuth
+from tokend.oauth._auth import ClientAuth, tls_context
 from tokend.oauth._authorize import DEVICE_CODE_GRANT
 from tokend.oauth._discovery import Discovery, DiscoveryError
 from tokend.oauth._http import DEFAULT_USER_AGENT, RawResponse, RequestProgress, read_capped
@@ -45,8 +45,12 @@ class ProviderClient:
             "User-Agent": config.user_agent or DEFAULT_USER_AGENT,
             "Accept": "application/json",
         }
+        context = tls_context(name, config)
+        # A client presenting a certificate uses the issuer's mTLS endpoint aliases.
+        self._mtls = config.tls_client_cert_file is not None
         self._http = httpx.AsyncClient(
             transport=transport,
+            verify=context if context is not None else True,
             timeout=httpx.Timeout(config.timeout),
             # One connection per concurrent refresh, plus one for discovery.
             limits=httpx.Limits(
@@ -91,7 +95,7 @@ class ProviderClient:
         if self._config.token_endpoint is not None:
             return self._config.token_endpoint
         assert self._discovery is not None
-        return await self._discovery.token_endpoint()
+        return await self._discovery.token_endpoint(mtls=self._mtls)
 
     async def endpoint(self, name: str) -> str:
         """``authorization_endpoint``, ``device_authorization_endpoint`` or
@@ -104,7 +108,7 @@ class ProviderClient:
             raise DiscoveryError(
                 f"provider {self.name!r} has no issuer to discover {name} from: set {name}"
             )
-        return await self._discovery.endpoint(name)
+        return await self._discovery.endpoint(name, mtls=self._mtls)
 
     async def exchange_code(self, code: str, redirect_uri: str, code_verifier: str) -> Outcome:
         """Redeem an authorization code (RFC 6749 4.1.3) with its PKCE verifier."""

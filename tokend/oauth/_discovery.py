@@ -47,6 +47,8 @@ class Endpoints:
     optional: dict[str, str]
     # ...and why the others it names cannot be used (refreshing never needs them).
     problems: dict[str, str]
+    # Endpoints for clients that present a certificate (RFC 8705 5), by metadata name.
+    mtls_aliases: dict[str, str]
 
 
 def endpoints_from_metadata(body: bytes, issuer: str) -> Endpoints:
@@ -71,7 +73,17 @@ def endpoints_from_metadata(body: bytes, issuer: str) -> Endpoints:
             optional[name] = _checked_endpoint(value, name, issuer)
         except DiscoveryError as exc:
             problems[name] = str(exc)
-    return Endpoints(token_endpoint, optional, problems)
+    aliases: dict[str, str] = {}
+    listed = document.get("mtls_endpoint_aliases")
+    if isinstance(listed, dict):
+        for name in ("token_endpoint", *OPTIONAL_ENDPOINTS):
+            value = listed.get(name)
+            if isinstance(value, str) and value:
+                try:
+                    aliases[name] = _checked_endpoint(value, f"mtls {name}", issuer)
+                except DiscoveryError as exc:
+                    problems[f"mtls {name}"] = str(exc)
+    return Endpoints(token_endpoint, optional, problems, aliases)
 
 
 def _checked_endpoint(endpoint: str, name: str, issuer: str) -> str:
@@ -116,14 +128,18 @@ class Discovery:
         self._endpoints: Endpoints | None = None
         self._pending: _Fetch | None = None
 
-    async def token_endpoint(self) -> str:
-        return (await self.endpoints()).token_endpoint
+    async def token_endpoint(self, *, mtls: bool = False) -> str:
+        """The token endpoint; with ``mtls``, its alias for certificate-presenting
+        clients when the issuer names one."""
+        endpoints = await self.endpoints()
+        alias = endpoints.mtls_aliases.get("token_endpoint") if mtls else None
+        return alias or endpoints.token_endpoint
 
-    async def endpoint(self, name: str) -> str:
+    async def endpoint(self, name: str, *, mtls: bool = False) -> str:
         """An optional endpoint (see OPTIONAL_ENDPOINTS); raises DiscoveryError saying
         why when the issuer names none, or none usable."""
         endpoints = await self.endpoints()
-        found = endpoints.optional.get(name)
+        found = (endpoints.mtls_aliases.get(name) if mtls else None) or endpoints.optional.get(name)
         if found is not None:
             return found
         problem = endpoints.problems.get(name)
