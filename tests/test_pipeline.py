@@ -33,6 +33,16 @@ def stored(tokend: Tokend, account: str) -> dict[str, Any] | None:
     return dict(row) if row else None
 
 
+def hold_next_refresh_at_the_idp(idp: IdP, grant_id: str, delay_ms: int) -> None:
+    """Delay the IdP's answers, and return once the grant's next refresh is at the IdP."""
+    idp.fault("delay", delay_ms=delay_ms)
+    wait_until(
+        lambda: any(r["t_end"] is None for r in grant_requests(idp, {grant_id})),
+        15,
+        what="a refresh in flight",
+    )
+
+
 def many_accounts(idp: IdP, config: dict[str, Any], n: int) -> dict[str, str]:
     """``n`` accounts with fresh grants; returns account name -> grant id."""
     grants = {}
@@ -116,12 +126,7 @@ def test_restart_after_kill9_retries_the_in_flight_refresh_at_once(
     tokend.wait_event("refresh", account="alice", outcome="success")
     # The next refresh reaches the IdP, which rotates the token; tokend dies before the
     # answer arrives.
-    fresh_idp.fault("delay", delay_ms=800)
-    wait_until(
-        lambda: any(r["t_end"] is None for r in grant_requests(fresh_idp, {seeded["grant_id"]})),
-        15,
-        what="a refresh in flight",
-    )
+    hold_next_refresh_at_the_idp(fresh_idp, seeded["grant_id"], delay_ms=800)
     tokend.kill9()
     killed_at = time.time()
     row = stored(tokend, "alice")
@@ -250,12 +255,7 @@ def test_drain_that_cannot_commit_says_so_and_exits_3(
     state = tiny_state(tokend)
     tokend.start()
     tokend.wait_event("refresh", account="alice", outcome="success")
-    fresh_idp.fault("delay", delay_ms=1500)
-    wait_until(
-        lambda: any(r["t_end"] is None for r in grant_requests(fresh_idp, {seeded["grant_id"]})),
-        15,
-        what="a refresh in flight",
-    )
+    hold_next_refresh_at_the_idp(fresh_idp, seeded["grant_id"], delay_ms=1500)
     fill(state)
     tokend.signal(signal.SIGTERM)
     assert tokend.proc is not None and tokend.proc.wait(20) == 3
