@@ -42,6 +42,8 @@ class ChaosResult:
     # loaded machine): each spent refresh token that was presented again, once.
     represented: int
     grace_reuses: int
+    # The longest time from a lost rotation to the retry with the spent token.
+    retry_delay_max: float
     # Grants revoked by the IdP or never refreshed in the clean phase.
     lost: list[str]
     clean_phase_s: float
@@ -115,9 +117,15 @@ def run_chaos(
     config = _config(directory, provider, seeds)
     log_file = directory / "tokend.log"
     for _ in range(kills):
+        starts = _count(log_file, b'"event":"starting"')
         proc = _start(config, log_file)
-        # A random moment: loading, refreshing, committing or idle.
-        time.sleep(rng.uniform(0.3, 2.5))
+        # Once the process is up (a crash loop faster than the interpreter starts would
+        # only measure the machine), a random moment: loading, retrying what was in
+        # flight, refreshing, committing, or idle.
+        deadline = time.monotonic() + 30
+        while _count(log_file, b'"event":"starting"') == starts and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 2.0))
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
     # The clean phase: every account must get (at least) two successful refreshes.
@@ -136,14 +144,17 @@ def run_chaos(
         proc.send_signal(signal.SIGTERM)
         proc.wait(15)
     entries = [e for e in idp.log() if e.get("grant_id") in set(grants.values())]
-    spent: set[tuple[str, str]] = set()
+    rotated_at: dict[tuple[str, str], float] = {}
     represented: set[tuple[str, str]] = set()
+    delays: list[float] = []
     for entry in sorted(entries, key=lambda e: e["t_start"]):
         key = (entry["grant_id"], entry["refresh_token_sha256"])
-        if key in spent:
+        if key in rotated_at:
+            if key not in represented:
+                delays.append(entry["t_start"] - rotated_at[key])
             represented.add(key)
-        if entry["status"] == 200:
-            spent.add(key)
+        if entry["status"] == 200 and key not in rotated_at:
+            rotated_at[key] = entry["t_end"] or entry["t_start"]
     ok = _refreshed_since(entries, since)
     lost = sorted(name for name, grant in grants.items() if ok.get(grant, 0) < 2)
     return ChaosResult(
@@ -151,10 +162,18 @@ def run_chaos(
         kills=kills,
         refreshes=sum(1 for e in entries if e["status"] == 200),
         represented=len(represented),
+        retry_delay_max=max(delays, default=0.0),
         grace_reuses=sum(1 for e in entries if e.get("grace_reuse")),
         lost=lost,
         clean_phase_s=clean_s,
     )
+
+
+def _count(path: Path, needle: bytes) -> int:
+    try:
+        return path.read_bytes().count(needle)
+    except FileNotFoundError:
+        return 0
 
 
 def _refreshed_since(entries: list[dict[str, Any]], since: float) -> dict[str, int]:
@@ -197,7 +216,8 @@ def run(options: Options) -> list[Row]:
                     Row(
                         f"chaos, reuse grace {grace:g} s: accounts lost of {accounts}",
                         f"{len(result.lost)} lost; {result.kills} kills; "
-                        f"{result.represented} rotations lost to a kill; "
+                        f"{result.represented} rotations lost to a kill "
+                        f"(retried within {result.retry_delay_max:.1f} s); "
                         f"{result.grace_reuses} grace reuses",
                         f"{result.refreshes} refreshes; clean phase settled in "
                         f"{result.clean_phase_s:.1f} s",
