@@ -17,6 +17,7 @@ fewer grace reuses than kills (most kills land while nothing is in flight).
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 import subprocess
@@ -39,7 +40,7 @@ class ChaosResult:
     kills: int
     refreshes: int
     # Rotations whose answer never reached tokend's store (a kill, or a timeout on a
-    # loaded machine): each spent refresh token that was presented again, once.
+    # loaded machine): each refresh token that was presented again, counted once.
     represented: int
     grace_reuses: int
     # The longest time from a lost rotation to the retry with the spent token.
@@ -102,9 +103,14 @@ def run_chaos(
     token_ttl: int = 3,
     seed: int = 1,
     settle: float = 30.0,
+    let_recover: bool = False,
 ) -> ChaosResult:
     """One chaos phase. ``idp`` is a started ``tests.idp_harness.IdP``; ``provider`` the
-    config section for its client ``client_id`` (the seeds are minted for it)."""
+    config section for its client ``client_id`` (the seeds are minted for it).
+
+    ``let_recover``: before each kill, let the process retry what its predecessor left
+    in flight (a crash loop with a restart backoff, as Kubernetes does), so a machine
+    slow to start a process cannot stack kills beyond the IdP's grace."""
     rng = random.Random(seed)
     idp.reset()
     idp.configure(access_token_ttl=token_ttl, reuse_grace_seconds=grace)
@@ -125,6 +131,8 @@ def run_chaos(
         deadline = time.monotonic() + 30
         while _count(log_file, b'"event":"starting"') == starts and time.monotonic() < deadline:
             time.sleep(0.01)
+        if let_recover:
+            _wait_recovered(log_file, deadline)
         time.sleep(rng.uniform(0.0, 2.0))
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
@@ -153,7 +161,9 @@ def run_chaos(
             if key not in represented:
                 delays.append(entry["t_start"] - rotated_at[key])
             represented.add(key)
-        if entry["status"] == 200 and key not in rotated_at:
+        if key not in rotated_at:
+            # Presented once: the IdP may have rotated it, answered or not (a killed
+            # client's request still runs to its end at the IdP).
             rotated_at[key] = entry["t_end"] or entry["t_start"]
     ok = _refreshed_since(entries, since)
     lost = sorted(name for name, grant in grants.items() if ok.get(grant, 0) < 2)
@@ -167,6 +177,19 @@ def run_chaos(
         lost=lost,
         clean_phase_s=clean_s,
     )
+
+
+def _wait_recovered(log_file: Path, deadline: float) -> None:
+    """Until the latest process refreshed every account it found in flight."""
+    while time.monotonic() < deadline:
+        lines = log_file.read_bytes().splitlines()
+        start = max(i for i, line in enumerate(lines) if b'"event":"starting"' in line)
+        events = [json.loads(line) for line in lines[start:] if line.startswith(b"{")]
+        in_flight = {e["account"] for e in events if e["event"] == "refresh_was_in_flight"}
+        done = {e["account"] for e in events if e["event"] == "refresh"}
+        if in_flight <= done:
+            return
+        time.sleep(0.05)
 
 
 def _count(path: Path, needle: bytes) -> int:

@@ -377,6 +377,7 @@ def test_chaos_short_kill9_during_rotation_loses_nothing_inside_a_grace(
         kills=4,
         grace=30.0,
         seed=7,
+        let_recover=True,
     )
     assert result.lost == []
     assert result.grace_reuses == result.represented
