@@ -3,12 +3,16 @@ driven over HTTP as a browser would, and the refresh token becoming the account'
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
+import signal
 import sqlite3
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -394,3 +398,86 @@ def test_revocation_answers() -> None:
     assert revocation_problem(answer(503, b"<html>")) == (
         "the revocation endpoint answered HTTP 503; nothing was changed"
     )
+
+
+# -- with the daemon running: the seed goes over the socket ------------------------------------
+
+
+def put_seed(sock: Path, account: str, body: bytes, uid: int | None = None) -> tuple[int, bytes]:
+    from tests.test_socket_api import RawClient, encode_request, request_as, status_and_body
+
+    raw = encode_request(
+        "PUT",
+        f"/v1/accounts/{account}/seed",
+        {"Content-Type": "application/json", "Content-Length": str(len(body))},
+    )
+    if uid is not None:
+        closing = raw[:-2] + b"Connection: close\r\n\r\n"
+        return status_and_body(request_as(uid, uid, sock, closing + body))
+    client = RawClient(sock)
+    try:
+        client.send(raw[: len(raw) // 2])  # the head in pieces, then the body apart
+        client.send(raw[len(raw) // 2 :])
+        client.send(body)
+        response = client.read_response()
+    finally:
+        client.close()
+    return response.status, response.body
+
+
+def test_login_hands_the_seed_to_the_running_daemon(
+    fresh_idp: IdP, tokend_factory: Any, workdir: Path
+) -> None:
+    from tests.test_socket_api import RawClient
+
+    short = Path(tempfile.mkdtemp(prefix="td"))
+    try:
+        sock = short / "tokend.sock"
+        config = login_config(fresh_idp, refresh_token_file="alice.token")
+        config["serve"]["socket"] = str(sock)
+        tokend = tokend_factory(config)
+        (tokend.workdir / "alice.token").write_text("a-dead-refresh-token\n")
+        tokend.start()
+        tokend.wait_event("refresh", account="alice", reason="invalid_grant")
+
+        login = Login(tokend.workdir, "--no-browser")
+        url = login.wait_for(r"(http://127\.0\.0\.1:\d+/auth\?\S+)").group(1)
+        assert sign_in(url).status_code == 200
+        code, output = login.finish()
+        assert code == 0, output
+        assert "the running tokend took the new refresh token; the account is valid" in output
+
+        seed_file = tokend.workdir / "alice.token"
+        seed = seed_file.read_text().strip()
+        assert seed != "a-dead-refresh-token"
+        assert stat.S_IMODE(seed_file.stat().st_mode) == 0o600
+        assert seed not in output and seed not in tokend.log_text()
+        client = RawClient(sock)
+        accounts = client.request("GET", "/v1/accounts").json()["accounts"]
+        assert (accounts[0]["state"], accounts[0]["last_error"]) == ("valid", None)
+        assert client.request("GET", "/v1/tokens/alice").status == 200
+        client.close()
+
+        # File and store agree: a reload changes nothing, a restart continues the chain.
+        tokend.signal(signal.SIGHUP)
+        tokend.wait_event("reloaded")
+        assert not tokend.events("seed_replaced", account="alice")[1:]
+        assert tokend.stop() == 0
+        tokend.start()
+        tokend.wait_event("refresh", account="alice", outcome="success", count=3)
+        assert not tokend.events("seed_changed")
+
+        # Only the daemon's own user (or root) may set a seed; bad requests are refused.
+        body = b'{"refresh_token": "x"}'
+        if os.geteuid() == 0:
+            short.chmod(0o755)
+            sock.chmod(0o666)
+            assert put_seed(sock, "alice", body, uid=65534) == (403, b'{"error":"forbidden"}')
+        assert put_seed(sock, "nobody", body)[0] == 404
+        assert put_seed(sock, "alice", b'{"token": 1}')[0] == 400
+        assert put_seed(sock, "alice", b"not json")[0] == 400
+        with contextlib.closing(RawClient(sock)) as client:
+            assert client.request("GET", "/v1/accounts/alice/seed").status == 405
+        assert tokend.stop() == 0
+    finally:
+        shutil.rmtree(short, ignore_errors=True)

@@ -445,6 +445,17 @@ def test_errors_are_json_with_the_right_status(
             413,
             "body_not_allowed",
         ),
+        (
+            b"PUT /v1/accounts/alice/seed HTTP/1.1\r\nContent-Length: 16385\r\n\r\n",
+            413,
+            "body_too_large",
+        ),
+        (
+            b"PUT /v1/accounts/alice/seed HTTP/1.1\r\nContent-Length: 2\r\n"
+            b"Content-Length: 2\r\n\r\n{}",
+            400,
+            "bad_request",
+        ),
         (b"GET /v1/tokens/alice HTTP/1.1\r\nBad Header: x\r\n\r\n", 400, "bad_request"),
         (b"GET /v1/tokens/alice HTTP/1.1\r\n folded: x\r\n\r\n", 400, "bad_request"),
         (b"GET http://x/v1/tokens/alice HTTP/1.1\r\n\r\n", 400, "bad_request"),

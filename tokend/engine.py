@@ -63,6 +63,7 @@ from tokend.refresh import (
 )
 from tokend.runtime import Account, ProviderRuntime
 from tokend.schedule import RefreshSchedule
+from tokend.seed import new_seed_record, write_seed_file
 from tokend.store import Store, StoreError
 
 __all__ = ["Account", "Engine", "ProviderRuntime"]
@@ -238,6 +239,14 @@ class Engine:
             self._adopt_stored_token(account, now)
             account.state = AccountState.NEEDS_REAUTH
             account.last_error = record.last_error
+            return account
+        if aconf.grant == "refresh_token" and record.refresh_token is None:
+            # Nothing to refresh with until someone signs in (or a seed is configured).
+            self._adopt_stored_token(account, now)
+            account.state = AccountState.NEEDS_REAUTH
+            account.last_error = record.last_error or (
+                f"no refresh token yet: run `tokend login {name}` (or configure a seed)"
+            )
             return account
         if record.in_flight_since is not None:
             # The last run may have lost a rotated token: the policy treats the next
@@ -695,6 +704,31 @@ class Engine:
         async with self._holding(account):
             if record.version > account.record.version:
                 await adopt_record(self, account, record)
+
+    async def replace_seed(self, name: str, seed: str) -> Account:
+        """A new seed from a sign-in (``tokend login``): written to the account's seed
+        file when it has one (first, so a crash in between leaves the file's token to
+        win at the next start), then committed as the start of a new chain; needs_reauth
+        clears. The caller refreshes it. Raises KeyError for an unknown account,
+        SeedFileError or StoreError when it could not be kept (the store is unchanged)."""
+        account = self.accounts[name]
+        register_secret(seed)
+        async with self._holding(account):
+            if account.config.refresh_token_file is not None:
+                await anyio.to_thread.run_sync(
+                    write_seed_file, account.config.refresh_token_file, seed
+                )
+            now = self.clock.time()
+            record = new_seed_record(name, account.config, account.record, seed, now)
+            account.record = await put(self, record)
+            account.unsaved = None
+            account.policy = AccountPolicyState()
+            account.last_error = None
+            if account.state is not AccountState.QUEUED:
+                valid = account.token_valid(now)
+                account.state = AccountState.VALID if valid else AccountState.PENDING
+            _log.info("seed_replaced", account=name, source="login")
+        return account
 
     # -- reload -----------------------------------------------------------------------------
 

@@ -18,6 +18,13 @@ On the unix socket::
         200 {"accounts": [{"name", "provider", "state", "required", "token_valid",
         "expires_at", "last_refresh_at", "next_refresh_at", "last_error"}]}, sorted by
         name; never a token.
+    PUT  /v1/accounts/{account}/seed    body {"refresh_token": "..."}
+        A new seed from a sign-in (``tokend login``), accepted only from the daemon's
+        own uid or root (SO_PEERCRED). Written to the account's seed file when it has
+        one, committed as a new chain (needs_reauth clears), then refreshed (bounded
+        wait): 200 with the account as in /v1/accounts, never the token; 403
+        {"error": "forbidden"}, 400 (not JSON, no refresh_token, a client_credentials
+        account), 503 {"error": "store_unavailable"} when it could not be committed.
     GET  /healthz   200 while the process and its event loop answer.
     GET  /readyz    200 {"ready": true}, or 503 {"ready": false, "not_ready": [...]}
                     while a required account holds no valid token.
@@ -36,6 +43,7 @@ The TCP port serves /healthz, /readyz and /metrics only.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -43,6 +51,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 import anyio
+import orjson
 
 from tokend.config import ServeConfig
 from tokend.model import AccountState, TokenSet
@@ -63,6 +72,8 @@ if TYPE_CHECKING:
 _VALID = AccountState.VALID
 _TOKENS_PREFIX = b"/v1/tokens/"
 _REFRESH_SUFFIX = b"/refresh"
+_ACCOUNTS_PREFIX = b"/v1/accounts/"
+_SEED_SUFFIX = b"/seed"
 _SECONDS = re.compile(rb"[0-9]{1,9}(?:\.[0-9]{1,6})?")
 
 _NOT_FOUND = error_response(404, "not_found")
@@ -74,6 +85,7 @@ _ALLOW_GET = b"Allow: GET\r\n"
 _ALLOW_POST = b"Allow: POST\r\n"
 _GET_ONLY = json_response(405, {"error": "method_not_allowed"}, _ALLOW_GET)
 _POST_ONLY = json_response(405, {"error": "method_not_allowed"}, _ALLOW_POST)
+_PUT_ONLY = json_response(405, {"error": "method_not_allowed"}, b"Allow: PUT\r\n")
 
 
 @dataclass(slots=True)
@@ -87,7 +99,7 @@ class _Gate:
 
 # What a request asks for, decided from the request alone (method, path, query,
 # Accept) once per distinct request head and kept in ``Request.memo``.
-_TOKEN, _REFRESH, _ACCOUNTS, _HEALTHZ, _READYZ, _METRICS, _FIXED = range(7)
+_TOKEN, _REFRESH, _ACCOUNTS, _HEALTHZ, _READYZ, _METRICS, _FIXED, _SEED = range(8)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +160,7 @@ class Api:
         self._count(route, status)
         return response
 
-    def handle(self, request: Request, peer: PeerCred | None) -> Reply:
+    def handle(self, request: Request, peer: PeerCred | None, body: bytes = b"") -> Reply:
         plan = request.memo
         if not isinstance(plan, _Plan):
             plan = request.memo = self._plan(request)
@@ -162,6 +174,8 @@ class Api:
             return self._refresh(plan, peer)
         if kind == _ACCOUNTS:
             return self._reply("accounts", 200, self._accounts())
+        if kind == _SEED:
+            return self._seed(plan.account, peer, body)
         if kind == _READYZ:
             return self._readyz()
         if kind == _METRICS:
@@ -173,6 +187,13 @@ class Api:
         path, method = request.path, request.method
         if self._tokens and path.startswith(_TOKENS_PREFIX):
             return _token_plan(request, path[len(_TOKENS_PREFIX) :])
+        if self._tokens and path.startswith(_ACCOUNTS_PREFIX) and path.endswith(_SEED_SUFFIX):
+            name = path[len(_ACCOUNTS_PREFIX) : -len(_SEED_SUFFIX)]
+            if not name or b"/" in name:
+                return _fixed("other", 404, _NOT_FOUND)
+            if method != b"PUT":
+                return _fixed("seed", 405, _PUT_ONLY)
+            return _Plan(_SEED, "seed", name.decode("ascii"))
         routes = _TOKEN_ROUTES if self._tokens else _PROBE_ROUTES
         found = routes.get(path)
         if found is None:
@@ -307,6 +328,51 @@ class Api:
             done.set()
         return True
 
+    # -- a new seed from a sign-in --------------------------------------------------------------
+
+    def _seed(self, name: str, peer: PeerCred | None, body: bytes) -> Reply:
+        account = self._engine.accounts.get(name)
+        if account is None:
+            return self._reply("seed", 404, _UNKNOWN_ACCOUNT)
+        # The seed decides whose tokens every reader gets: only the daemon's own user
+        # (or root) may set it, whatever the account's allow: list says.
+        if peer is None or peer.uid not in (0, os.getuid()):
+            return self._reply("seed", 403, _FORBIDDEN)
+        if account.config.grant != "refresh_token":
+            return self._reply(
+                "seed",
+                400,
+                error_response(400, "bad_request", detail="this account takes no refresh token"),
+            )
+        seed = _seed_from(body)
+        if seed is None:
+            return self._reply(
+                "seed",
+                400,
+                error_response(
+                    400, "bad_request", detail='expected a JSON body {"refresh_token": "..."}'
+                ),
+            )
+        return self._replace_seed(name, seed)
+
+    async def _replace_seed(self, name: str, seed: str) -> bytes:
+        from tokend.seed import SeedFileError
+        from tokend.store import StoreError
+
+        try:
+            await self._engine.replace_seed(name, seed)
+        except KeyError:
+            return self._reply("seed", 404, _UNKNOWN_ACCOUNT)
+        except (StoreError, SeedFileError) as exc:
+            return self._reply(
+                "seed", 503, error_response(503, "store_unavailable", detail=str(exc))
+            )
+        try:
+            account = await self._engine.force_refresh(name, self._wait_max)
+        except KeyError:
+            return self._reply("seed", 404, _UNKNOWN_ACCOUNT)
+        return self._reply("seed", 200, json_response(200, _account_view(account, self._now())))
+
     # -- state, probes, metrics -----------------------------------------------------------------
 
     def _accounts(self) -> bytes:
@@ -373,6 +439,18 @@ def _token_plan(request: Request, rest: bytes) -> _Plan:
             return _fixed(route, 400, error_response(400, "bad_request", detail=str(exc)))
     # The request line admits visible ASCII only, so decoding cannot fail.
     return _Plan(kind, route, rest.decode("ascii"), min_valid, as_text=_wants_text(request.accept))
+
+
+def _seed_from(body: bytes) -> str | None:
+    """The refresh token of a seed request's body, or None if there is no usable one."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    seed = document.get("refresh_token") if isinstance(document, dict) else None
+    if not isinstance(seed, str) or not seed.strip() or not seed.isprintable():
+        return None
+    return seed.strip()
 
 
 def _allowed(account: Account, peer: PeerCred | None) -> bool:
