@@ -18,6 +18,7 @@ import yaml
 
 from tests.etcd_cluster import EtcdCluster
 from tests.idp_harness import IdP, default_clients, make_test_keys
+from tests.vault_harness import Bao
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
@@ -73,6 +74,16 @@ def etcd(etcd_cluster: EtcdCluster) -> EtcdCluster:
         etcd_cluster.start(member, wait=False)
     etcd_cluster.wait_healthy()
     return etcd_cluster
+
+
+@pytest.fixture(scope="session")
+def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bao]:
+    """One real OpenBao dev server for the session (KV v2 at secret/, AppRole, JWT)."""
+    server = Bao(tmp_path_factory.mktemp("bao")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

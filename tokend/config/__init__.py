@@ -22,6 +22,9 @@ from tokend.config._schema import (
     RefreshPolicyConfig,
     ServeConfig,
     StateConfig,
+    VaultAuthConfig,
+    VaultConfig,
+    VaultRef,
     parse_duration,
 )
 
@@ -41,6 +44,9 @@ __all__ = [
     "RefreshPolicyConfig",
     "ServeConfig",
     "StateConfig",
+    "VaultAuthConfig",
+    "VaultConfig",
+    "VaultRef",
     "load_config",
     "parse_duration",
     "read_secret_file",

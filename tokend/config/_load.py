@@ -29,9 +29,12 @@ from pydantic import BaseModel, ValidationError
 
 from tokend._gc import paused_gc
 from tokend.config._schema import (
+    VAULT_MISSING,
+    VAULT_SCHEME,
     AccountConfig,
     Config,
     StateConfig,
+    VaultConfig,
     _check_name,
     unknown_provider_message,
 )
@@ -67,6 +70,10 @@ _PATH_KEYS: tuple[tuple[tuple[str, ...], bool], ...] = (
     (("state", "tls", "ca_file"), True),
     (("state", "tls", "cert_file"), True),
     (("state", "tls", "key_file"), True),
+    (("vault", "ca_file"), True),
+    (("vault", "auth", "token_file"), True),
+    (("vault", "auth", "secret_id_file"), True),
+    (("vault", "auth", "jwt_file"), True),
     (("serve", "socket"), False),
     (("serve", "token_dir"), False),
     (("providers", "*", "client_secret_file"), True),
@@ -260,6 +267,7 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     return config.model_copy(
         update={
             "state": _resolve_state(config.state, base),
+            "vault": None if config.vault is None else _resolve_vault(config.vault, base),
             "serve": serve.model_copy(
                 update={
                     key: _under(base, value)
@@ -288,6 +296,21 @@ def _resolve_state(state: StateConfig, base: Path) -> StateConfig:
         }
         files["tls"] = tls.model_copy(update=tls_files)  # type: ignore[assignment]
     return state.model_copy(update={"path": _under(base, state.path), **files})
+
+
+def _resolve_vault(vault: VaultConfig, base: Path) -> VaultConfig:
+    auth = vault.auth
+    files = {
+        key: _under(base, value)
+        for key in ("token_file", "secret_id_file", "jwt_file")
+        if (value := getattr(auth, key)) is not None
+    }
+    return vault.model_copy(
+        update={
+            "ca_file": None if vault.ca_file is None else _under(base, vault.ca_file),
+            "auth": auth.model_copy(update=files) if files else auth,
+        }
+    )
 
 
 def _os_reason(exc: OSError) -> str:
@@ -353,6 +376,7 @@ class _FileLoader:
         self._check_paths(data)
         self._check_modes()
         self._check_providers_exist(data)
+        self._check_vault_seeds(data)
         try:
             config = Config.model_validate(data)
         except ValidationError as exc:
@@ -382,6 +406,7 @@ class _FileLoader:
         self._check_paths(data)
         self._check_modes()
         self._check_providers_exist(data)
+        self._check_vault_seeds(data)
         if self.issues or self.broken:
             return None
         try:
@@ -625,12 +650,22 @@ class _FileLoader:
                 continue  # the schema reports an invalid name
             self._add(path, unknown_provider_message(provider, providers))
 
+    def _check_vault_seeds(self, data: dict[str, object]) -> None:
+        # Per account, like the provider check: Config's own check stops at the first.
+        accounts = data.get("accounts")
+        if not isinstance(accounts, dict) or data.get("vault") is not None:
+            return
+        for account_name, account in accounts.items():
+            seed = account.get("refresh_token") if isinstance(account, dict) else None
+            if isinstance(seed, str) and seed.startswith(VAULT_SCHEME):
+                self._add(("accounts", account_name, "refresh_token"), VAULT_MISSING)
+
     # -- schema errors ---------------------------------------------------------------
 
     def _report_validation(self, exc: ValidationError, data: dict[str, object]) -> None:
         for error in exc.errors(include_input=False, include_url=False):
-            if error["type"] == "unknown_provider":
-                continue  # reported per account by _check_providers_exist
+            if error["type"] in ("unknown_provider", "vault_missing"):
+                continue  # reported per account by _check_providers_exist / _vault_seeds
             loc: KeyPath = tuple(error["loc"])
             if loc and loc[-1] == "[key]":
                 # An invalid mapping key (a name): report it at the key itself.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -117,7 +118,8 @@ class StateConfig(_Model):
 
     backend: Literal["sqlite", "etcd"] = "sqlite"
     path: Path = Path("./var/tokend.db")
-    # AES-GCM key for the tokens at rest (32 bytes, raw or base64).
+    # AES-GCM key for the tokens at rest (32 bytes, raw or base64). Without it, the
+    # key may come from $TOKEND_STATE_KEY or the systemd credential tokend-state-key.
     encryption_key_file: Path | None = None
     # backend: etcd (replicas sharing accounts).
     endpoints: tuple[str, ...] = ()
@@ -332,6 +334,123 @@ class ProviderConfig(_Model):
         return self
 
 
+VAULT_SCHEME = "vault://"
+_VAULT_PART = re.compile(r"[A-Za-z0-9._@+=-]+")
+
+
+@dataclass(frozen=True, slots=True)
+class VaultRef:
+    """A KV v2 secret field: ``vault://MOUNT/PATH#FIELD``."""
+
+    mount: str
+    path: str
+    field: str
+
+    def __str__(self) -> str:
+        return f"{VAULT_SCHEME}{self.mount}/{self.path}#{self.field}"
+
+    @property
+    def where(self) -> str:
+        """The secret as an operator names it (``bao kv get -mount=M PATH``)."""
+        return f"{self.mount}/{self.path}"
+
+    @classmethod
+    def parse(cls, text: str) -> VaultRef:
+        """Raises ValueError saying what is wrong (the reference is never echoed: a
+        secret pasted with the prefix by mistake must not be printed)."""
+        rest = text.removeprefix(VAULT_SCHEME)
+        where, sep, field = rest.partition("#")
+        if not sep or not field:
+            raise ValueError(
+                "a vault seed names a field: vault://MOUNT/PATH#FIELD, "
+                "e.g. vault://secret/tokend/alice#refresh_token"
+            )
+        mount, _, path = where.partition("/")
+        parts = path.split("/")
+        if not mount or not path or not all(_VAULT_PART.fullmatch(p) for p in [mount, *parts]):
+            raise ValueError(
+                "a vault seed is vault://MOUNT/PATH#FIELD with a KV v2 mount, a path of "
+                "one or more segments (A-Z a-z 0-9 . _ - @ + =) and a field name"
+            )
+        if not _VAULT_PART.fullmatch(field):
+            raise ValueError("the field after '#' may use A-Z a-z 0-9 . _ - @ + = only")
+        return cls(mount, path, field)
+
+
+VAULT_MISSING = "a vault:// seed needs a top-level 'vault:' block (address, auth)"
+
+
+class VaultAuthConfig(_Model):
+    """How tokend logs in to the vault. ``kubernetes`` is the ``jwt`` login call on the
+    kubernetes auth mount, with the pod's service account token as the JWT."""
+
+    method: Literal["token", "approle", "jwt", "kubernetes"]
+    # token
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    # approle
+    role_id: str | None = None
+    secret_id: SecretStr | None = None
+    secret_id_file: Path | None = None
+    # jwt / kubernetes
+    role: str | None = None
+    jwt_file: Path | None = None
+    # The auth method's mount (default: the method's name).
+    mount: str | None = None
+
+    _check_secrets = field_validator("token", "secret_id")(_not_empty)
+
+    @model_validator(mode="after")
+    def _check(self) -> VaultAuthConfig:
+        uses = {
+            "token": {"token", "token_file"},
+            "approle": {"role_id", "secret_id", "secret_id_file", "mount"},
+            "jwt": {"role", "jwt_file", "mount"},
+            "kubernetes": {"role", "jwt_file", "mount"},
+        }[self.method]
+        stray = sorted(k for k in self.model_fields_set - {"method"} if k not in uses)
+        if stray:
+            raise ValueError(f"method {self.method} does not use: {', '.join(stray)}")
+        if self.method == "token" and (self.token is None) == (self.token_file is None):
+            raise ValueError("method token needs exactly one of token or token_file")
+        if self.method == "approle":
+            if not self.role_id:
+                raise ValueError("method approle needs role_id")
+            if (self.secret_id is None) == (self.secret_id_file is None):
+                raise ValueError("method approle needs exactly one of secret_id or secret_id_file")
+        if self.method == "jwt" and (not self.role or self.jwt_file is None):
+            raise ValueError("method jwt needs role and jwt_file")
+        if self.method == "kubernetes" and not self.role:
+            raise ValueError("method kubernetes needs role")
+        if self.mount is not None and not _VAULT_PART.fullmatch(self.mount.strip("/")):
+            raise ValueError("mount is an auth mount path such as approle or jwt")
+        return self
+
+    @property
+    def mount_path(self) -> str:
+        return (self.mount or self.method).strip("/")
+
+
+class VaultConfig(_Model):
+    """The vault (OpenBao or HashiCorp Vault) holding ``vault://`` seeds."""
+
+    address: str
+    namespace: str | None = None
+    # PEM CA bundle that signs the vault's certificate (default: the system's).
+    ca_file: Path | None = None
+    timeout: Duration = Field(default=10.0, gt=0)
+    # How often each secret's metadata version is checked for a new seed.
+    poll_interval: Duration = Field(default=30.0, gt=0)
+    auth: VaultAuthConfig
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, url: str) -> str:
+        if not re.match(r"https?://[^/]", url):
+            raise ValueError("expected an http(s) URL such as https://vault.example.com:8200")
+        return url.rstrip("/")
+
+
 class AllowConfig(_Model):
     """Peers (by SO_PEERCRED) allowed to read this account's token over the socket."""
 
@@ -389,6 +508,7 @@ class AccountConfig(_Model):
 
     provider: Name
     grant: Literal["refresh_token", "client_credentials"] = "refresh_token"
+    # A seed, or vault://MOUNT/PATH#FIELD: the seed is that field of a KV v2 secret.
     refresh_token: SecretStr | None = None
     refresh_token_file: Path | None = None
     scope: str | None = None
@@ -402,6 +522,8 @@ class AccountConfig(_Model):
     allow: AllowConfig | None = None
     outputs: list[OutputConfig] = Field(default_factory=list)
     on_change: OnChangeConfig | None = None
+    # Write rotated refresh tokens back to the vault:// seed (check-and-set); default on.
+    write_back: bool | None = None
 
     @field_validator("outputs")
     @classmethod
@@ -417,6 +539,25 @@ class AccountConfig(_Model):
 
     _check_seed = field_validator("refresh_token")(_not_empty)
 
+    @field_validator("refresh_token")
+    @classmethod
+    def _check_vault_ref(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and value.get_secret_value().startswith(VAULT_SCHEME):
+            VaultRef.parse(value.get_secret_value())
+        return value
+
+    @property
+    def vault_ref(self) -> VaultRef | None:
+        """The vault secret holding the seed, if the seed is a ``vault://`` reference."""
+        seed = self.refresh_token
+        if seed is None or not seed.get_secret_value().startswith(VAULT_SCHEME):
+            return None
+        return VaultRef.parse(seed.get_secret_value())
+
+    @property
+    def writes_back(self) -> bool:
+        return self.vault_ref is not None and self.write_back is not False
+
     @model_validator(mode="after")
     def _check(self) -> AccountConfig:
         has_seed = self.refresh_token is not None or self.refresh_token_file is not None
@@ -425,6 +566,8 @@ class AccountConfig(_Model):
         # A refresh_token account without a seed waits (needs_reauth) for `tokend login`.
         if self.grant == "client_credentials" and has_seed:
             raise ValueError("grant client_credentials takes no refresh token")
+        if self.write_back is not None and self.vault_ref is None:
+            raise ValueError("write_back applies to vault:// seeds only")
         return self
 
 
@@ -443,6 +586,7 @@ class Config(_Model):
     refresh: RefreshPolicyConfig = RefreshPolicyConfig()
     # Concurrent refreshes across all providers.
     max_concurrency: int = Field(default=64, ge=1, le=100_000)
+    vault: VaultConfig | None = None
     providers: dict[Name, ProviderConfig] = Field(default_factory=dict)
     accounts: dict[Name, AccountConfig] = Field(default_factory=dict)
 
@@ -460,5 +604,11 @@ class Config(_Model):
                         "account": name,
                         "message": unknown_provider_message(account.provider, self.providers),
                     },
+                )
+            if self.vault is None and account.vault_ref is not None:
+                raise PydanticCustomError(
+                    "vault_missing",
+                    "account {account}: {message}",
+                    {"account": name, "message": VAULT_MISSING},
                 )
         return self
