@@ -28,6 +28,7 @@ from tokend.oauth import ProviderClient, ProviderSetupError
 from tokend.publish import Publisher, TokenFiles
 from tokend.publish.metrics import Metrics
 from tokend.publish.server import ServeError, serve_socket, serve_tcp
+from tokend.sources import SeedSources, SeedWatcher, VaultClient, VaultError, VaultWriteBack
 from tokend.store import StoreError, open_store
 
 _log = logs.get_logger()
@@ -97,6 +98,9 @@ class Daemon:
         self.config_path = config_path
         self.clients: dict[str, ProviderClient] = {}
         self.fingerprints: dict[str, str] = {}
+        self.vault: VaultClient | None = None
+        self.seeds = SeedSources(None)
+        self.write_back: VaultWriteBack | None = None
 
     async def _close_clients(self) -> None:
         for client in self.clients.values():
@@ -112,16 +116,48 @@ class Daemon:
         clients, errors = build_clients(self.config)
         self.clients = dict(clients)
         stack.push_async_callback(self._close_clients)
+        await self._open_vault(stack)
         engine = Engine(
             self.config,
             store,
             clients,
             client_errors=errors,
             publishers=build_publishers(self.config),
+            seeds=self.seeds,
+            write_back=self.write_back,
         )
         self.metrics = Metrics(engine, self.config.serve)
         engine.observers.append(self.metrics)
         return engine
+
+    async def _open_vault(self, stack: AsyncExitStack) -> None:
+        """The vault client, and every vault seed read ahead (a secret that cannot be
+        read is its accounts' seed error; the others start)."""
+        if self.config.vault is None:
+            return
+        vault = self.vault = VaultClient(self.config.vault)
+        stack.push_async_callback(vault.aclose)
+        self.seeds = SeedSources(vault)
+        self.write_back = VaultWriteBack(vault, self.seeds, lambda: self.config.accounts)
+        try:
+            await vault.ensure_token()
+        except VaultError as exc:
+            # Each account's read below says it again, with its secret.
+            _log.error("vault_auth_failed", error=str(exc))
+        await self.seeds.sync(self.config.accounts)
+
+    async def _seed_tasks(self, engine: Engine, group: TaskGroup) -> None:
+        watcher = SeedWatcher(
+            self.seeds,
+            lambda: self.config.accounts,
+            engine.reseed,
+            vault_interval=self.config.vault.poll_interval if self.config.vault else 30.0,
+        )
+        group.start_soon(watcher.run)
+        if self.vault is not None:
+            group.start_soon(self.vault.maintain_token)
+        if self.write_back is not None:
+            group.start_soon(self.write_back.run, engine)
 
     async def run(self) -> int:
         code = 1
@@ -158,6 +194,7 @@ class Daemon:
             gc.freeze()
             async with anyio.create_task_group() as group:
                 group.start_soon(self._handle_signals, engine, group)
+                await self._seed_tasks(engine, group)
                 # Services answer while the engine runs and drains, then stop with it.
                 for service in self._services(engine):
                     await group.start(service)
@@ -217,10 +254,16 @@ class Daemon:
                 detail="the config in force stays unchanged; fix the file and send SIGHUP again",
             )
             return
-        for section in ("state", "serve"):
+        for section in ("state", "serve", "vault"):
             if getattr(config, section) != getattr(self.config, section):
                 _log.warning("reload_needs_restart", section=section)
-        config = config.model_copy(update={"state": self.config.state, "serve": self.config.serve})
+        config = config.model_copy(
+            update={
+                "state": self.config.state,
+                "serve": self.config.serve,
+                "vault": self.config.vault,
+            }
+        )
         if config.log != self.config.log:
             logs.configure(config.log.level, config.log.format)
         fingerprints = {name: provider_fingerprint(p) for name, p in config.providers.items()}
@@ -238,6 +281,8 @@ class Daemon:
                 await client.aclose()
             return
         # The new publishers first: an added account's files start with it.
+        # Vault seeds are re-read where their secret's version moved (and new ones read).
+        await self.seeds.sync(config.accounts)
         retired = await engine.reload(config, clients, errors, changed, publishers)
         self.fingerprints = fingerprints
         for name in set(self.clients) - set(config.providers):

@@ -21,7 +21,7 @@ import functools
 import math
 import random
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Final
 
@@ -34,10 +34,9 @@ from tokend.config import (
     AccountConfig,
     Config,
     RefreshPolicyConfig,
-    read_secret_file,
 )
 from tokend.logs import get_logger, register_secret
-from tokend.model import AccountState, StoredAccount, TokenSet, fingerprint
+from tokend.model import AccountState, StoredAccount, TokenSet
 from tokend.oauth import FailureKind, ProviderClient
 from tokend.observe import Observer
 from tokend.policy import (
@@ -64,6 +63,7 @@ from tokend.refresh import (
 from tokend.runtime import Account, ProviderRuntime
 from tokend.schedule import RefreshSchedule
 from tokend.seed import new_seed_record, write_seed_file
+from tokend.sources import Seed, SeedSources, continues_chain
 from tokend.store import Store, StoreError
 
 __all__ = ["Account", "Engine", "ProviderRuntime"]
@@ -106,6 +106,7 @@ class Engine:
         rng: random.Random | None = None,
         owner: str | None = None,
         write_back: SeedWriteBack | None = None,
+        seeds: SeedSources | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -114,6 +115,8 @@ class Engine:
         self.clock = clock or SystemClock()
         self.rng = rng or random.Random()
         self.write_back = write_back
+        # Where seeds come from (files, the vault); vault seeds are read ahead there.
+        self.seeds = seeds or SeedSources(None)
         # Identifies this process in a shared store's per-account claims.
         self.owner = owner or f"tokend-{uuid.uuid4().hex[:12]}"
         self.accounts: dict[str, Account] = {}
@@ -183,6 +186,9 @@ class Engine:
                 for _ in range(_LOAD_WORKERS):
                     workers.start_soon(reconcile_some)
             self.accounts.update((name, loaded[name]) for name in self.config.accounts)
+            if self.write_back is not None:
+                for account in self.accounts.values():
+                    self._note_write_back(account)
         self._loaded = True
 
     def _timing_for(self, aconf: AccountConfig) -> RefreshTiming:
@@ -194,7 +200,7 @@ class Engine:
     ) -> Account:
         timing = self._timing_for(aconf)
         try:
-            seed = await self._read_seed(aconf)
+            seed = await self._read_seed(name, aconf)
         except (OSError, ValueError) as exc:
             record = stored or StoredAccount(account=name)
             account = Account(name, aconf, timing, record)
@@ -202,10 +208,17 @@ class Engine:
             _log.error("seed_unreadable", account=name, error=account.last_error)
             self._adopt_stored_token(account, now)
             return account
-        seed_fp = fingerprint(seed) if seed is not None else None
-        if stored is not None and stored.seed_fingerprint == seed_fp:
+        seed_fp = seed.fingerprint if seed is not None else None
+        if stored is not None and (
+            stored.seed_fingerprint == seed_fp
+            or (seed is not None and continues_chain(seed, stored))
+        ):
             # The store holds the chain rotated from this seed: the store wins.
             record = stored
+            if seed_fp != stored.seed_fingerprint:
+                # The same token at a new vault version (another field, or our own
+                # write-back whose record update did not land): the chain goes on.
+                record = await self._put_or_keep(stored.evolve(seed_fingerprint=seed_fp))
             register_secret(record.refresh_token)
             if record.in_flight_since is not None:
                 _log.warning(
@@ -220,7 +233,7 @@ class Engine:
             record = StoredAccount(
                 account=name,
                 seed_fingerprint=seed_fp,
-                refresh_token=seed,
+                refresh_token=seed.value if seed is not None else None,
                 updated_at=now,
                 version=stored.version if stored is not None else 0,
             )
@@ -263,16 +276,8 @@ class Engine:
             account.state = AccountState.VALID
             account.last_refresh_at = token.issued_at
 
-    async def _read_seed(self, aconf: AccountConfig) -> str | None:
-        if aconf.refresh_token is not None:
-            seed = aconf.refresh_token.get_secret_value()
-        elif aconf.refresh_token_file is not None:
-            # A worker thread: a slow or hung mount must not stall the event loop.
-            seed = await anyio.to_thread.run_sync(read_secret_file, aconf.refresh_token_file)
-        else:
-            return None
-        register_secret(seed)
-        return seed
+    async def _read_seed(self, name: str, aconf: AccountConfig) -> Seed | None:
+        return await self.seeds.read(name, aconf)
 
     async def _put_or_keep(self, record: StoredAccount) -> StoredAccount:
         try:
@@ -809,14 +814,22 @@ class Engine:
     ) -> None:
         now = self.clock.time()
         try:
-            seed = await self._read_seed(aconf)
+            seed = await self._read_seed(account.name, aconf)
         except (OSError, ValueError) as exc:
             _log.error("seed_unreadable", account=account.name, error=str(exc))
+            account.last_error = f"cannot read the seed refresh token: {exc}"
             return
         account.config = aconf
         account.timing = self._timing_for(aconf)
-        seed_fp = fingerprint(seed) if seed is not None else None
-        if seed_fp != account.record.seed_fingerprint:
+        seed_fp = seed.fingerprint if seed is not None else None
+        if (
+            seed is not None
+            and seed_fp != account.record.seed_fingerprint
+            and (continues_chain(seed, account.record))
+        ):
+            # Not a new seed: the same token at a new version of its vault secret.
+            await self._keep_chain(account, seed_fp)
+        elif seed_fp != account.record.seed_fingerprint:
             # A new seed replaces the stored chain and clears needs_reauth; the old
             # chain's access token stays served while it is valid.
             fresh = await self._reconcile(
@@ -834,6 +847,40 @@ class Engine:
             account.next_attempt_at is None and account.state is AccountState.BLOCKED
         ):
             self._schedule_after_reload(account, now)
+
+    async def _keep_chain(self, account: Account, seed_fp: str | None) -> None:
+        try:
+            account.record = await put(self, account.record.evolve(seed_fingerprint=seed_fp))
+        except StoreError as exc:
+            # Harmless if it waits: the next look at the seed finds the same token again.
+            _log.warning("store_write_failed", account=account.name, error=str(exc))
+
+    async def reseed(self, names: Iterable[str]) -> None:
+        """The seeds of ``names`` may have changed (a watched file, a vault secret): what
+        a reload does for a changed seed, for those accounts only. A new seed revives an
+        account in ``needs_reauth``."""
+        for name in sorted(names):
+            account = self.accounts.get(name)
+            if account is None:
+                continue
+            async with self._holding(account):
+                await self._reload_account(account, account.config, False)
+            self._note_write_back(account)
+
+    def _note_write_back(self, account: Account) -> None:
+        sink = self.write_back
+        if sink is not None and sink.applies_to(account.name):
+            sink.note(account.name, account.record)
+            account.writeback_pending = account.name in sink.pending
+
+    async def write_back_account(self, name: str) -> None:
+        """Retry the write-back of ``name``'s rotated refresh token (under its lock, so
+        never beside a refresh of the same account)."""
+        account = self.accounts.get(name)
+        if account is None:
+            return
+        async with self._holding(account):
+            await self._refresh.write_back(account)
 
     def _schedule_after_reload(self, account: Account, now: float) -> None:
         if account.state is AccountState.NEEDS_REAUTH or self._unusable(account):

@@ -70,9 +70,20 @@ class SeedWriteBack(Protocol):
         """Whether ``account``'s seed is written back at all."""
         ...
 
-    async def write_back(self, account: str, record: StoredAccount) -> None:
+    async def write_back(self, account: str, record: StoredAccount) -> str | None:
         """Write ``record.refresh_token`` back. Raise to report a failure: the local
-        store already holds the token, so the caller retries later."""
+        store already holds the token, so the caller retries later. Returns the seed
+        fingerprint the record carries from now on (the seed is the token just
+        written), or None when nothing was written."""
+        ...
+
+    def note(self, account: str, record: StoredAccount) -> None:
+        """``record`` is the account's record now: retry its write-back if one is owed."""
+        ...
+
+    @property
+    def pending(self) -> frozenset[str]:
+        """Accounts whose write-back is owed and waits for a retry."""
         ...
 
 
@@ -378,7 +389,7 @@ class Refresh:
             host.schedule(
                 account, refresh_at(account.timing, token.issued_at, token.expires_at, jitter)
             )
-        await self._write_back(account, stored)
+        await self.write_back(account)
         return True
 
     def _hold_unsaved(self, account: Account, record: StoredAccount, error: str) -> None:
@@ -416,15 +427,29 @@ class Refresh:
             await adopt_record(host, account, stored)
         host.schedule(account, host.clock.time() + 1.0)
 
-    async def _write_back(self, account: Account, stored: StoredAccount) -> None:
+    async def write_back(self, account: Account) -> None:
+        """Write the committed refresh token back to the seed's source (a vault), and
+        record that the seed is now that token."""
         sink = self.host.write_back
         if sink is None or not sink.applies_to(account.name):
             return
+        stored = account.record
         try:
-            await sink.write_back(account.name, stored)
+            seed_fp = await sink.write_back(account.name, stored)
         except Exception as exc:
             # The local store holds the token: it is the journal the retry reads.
+            account.writeback_pending = True
             _log.warning("write_back_failed", account=account.name, error=str(exc))
+            return
+        account.writeback_pending = False
+        if seed_fp is None or seed_fp == stored.seed_fingerprint:
+            return
+        try:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(COMMIT_TIMEOUT):
+                account.record = await put(self.host, stored.evolve(seed_fingerprint=seed_fp))
+        except StoreError as exc:
+            # Harmless: the next start finds the stored token in the vault and goes on.
+            _log.warning("store_write_failed", account=account.name, error=str(exc))
 
     async def commit_unsaved(self, account: Account) -> None:
         record = account.unsaved

@@ -53,6 +53,8 @@ class Account:
     retired_access_token: str | None = field(default=None, repr=False)
     # When an application last asked for a refresh ahead of schedule.
     force_requested_at: float | None = None
+    # Its rotated refresh token is not in the vault yet (the write-back is retried).
+    writeback_pending: bool = False
     # A wake-up arrived while the account was busy: look again when it is free, so a
     # due refresh is never dropped.
     recheck: bool = False

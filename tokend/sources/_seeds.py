@@ -111,9 +111,11 @@ class SeedSources:
 
     # -- the engine's side (sync) ----------------------------------------------------
 
-    def read(self, name: str, aconf: AccountConfig) -> Seed | None:
+    async def read(self, name: str, aconf: AccountConfig) -> Seed | None:
         """The seed of account ``name``. Raises ValueError or OSError with a message
-        naming the account's source (never the secret)."""
+        naming the account's source (never the secret). Vault seeds come from what was
+        read ahead; files are read in a worker thread (a hung mount must not stall the
+        event loop)."""
         ref = aconf.vault_ref
         if ref is not None:
             known = self._secrets.get(ref.where)
@@ -131,7 +133,7 @@ class SeedSources:
         if aconf.refresh_token is not None:
             value = aconf.refresh_token.get_secret_value()
         elif aconf.refresh_token_file is not None:
-            value = read_secret_file(aconf.refresh_token_file)
+            value = await anyio.to_thread.run_sync(read_secret_file, aconf.refresh_token_file)
         else:
             return None
         register_secret(value)
@@ -152,10 +154,13 @@ class SeedSources:
 
     # -- reading the vault (async) ---------------------------------------------------
 
-    async def sync(self, accounts: Mapping[str, AccountConfig], *, check: bool = True) -> set[str]:
+    async def sync(
+        self, accounts: Mapping[str, AccountConfig], *, check: bool = True, prune: bool = True
+    ) -> set[str]:
         """Read every vault secret the accounts name that is not known yet and, with
         ``check``, the known ones whose version moved (metadata only: an unchanged
-        secret is never read again). Returns the accounts whose seed may have changed."""
+        secret is never read again). Returns the accounts whose seed may have changed.
+        With ``prune``, ``accounts`` is every account: secrets none names are forgotten."""
         if self.vault is None:
             return set()
         by_secret: dict[str, tuple[VaultRef, list[str]]] = {}
@@ -163,7 +168,7 @@ class SeedSources:
             ref = aconf.vault_ref
             if ref is not None:
                 by_secret.setdefault(ref.where, (ref, []))[1].append(name)
-        for where in set(self._secrets) - set(by_secret):
+        for where in set(self._secrets) - set(by_secret) if prune else ():
             del self._secrets[where]  # no account names it any more
         changed: set[str] = set()
         pending = iter(list(by_secret.values()))
