@@ -126,7 +126,12 @@ class Daemon:
             seeds=self.seeds,
             write_back=self.write_back,
         )
-        self.metrics = Metrics(engine, self.config.serve)
+        sink = self.write_back
+        self.metrics = Metrics(
+            engine,
+            self.config.serve,
+            writeback_pending=None if sink is None else lambda: len(sink.pending),
+        )
         engine.observers.append(self.metrics)
         return engine
 

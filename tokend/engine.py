@@ -873,6 +873,10 @@ class Engine:
             sink.note(account.name, account.record)
             account.writeback_pending = account.name in sink.pending
 
+    def writeback_pending(self) -> list[str]:
+        """Accounts whose rotated refresh token is not in the vault yet."""
+        return sorted(self.write_back.pending) if self.write_back is not None else []
+
     async def write_back_account(self, name: str) -> None:
         """Retry the write-back of ``name``'s rotated refresh token (under its lock, so
         never beside a refresh of the same account)."""

@@ -385,11 +385,18 @@ class Api:
     def _readyz(self) -> bytes:
         not_ready = self._engine.not_ready()
         store_problem = self._engine.store_problem
+        # Shown, but not a reason to stop serving: the rotated tokens are stored locally.
+        pending = self._engine.writeback_pending()
         if not not_ready and store_problem is None:
+            if pending:
+                ready = {"ready": True, "vault_writeback_pending": pending}
+                return self._reply("readyz", 200, json_response(200, ready))
             return self._reply("readyz", 200, _READY)
         answer: dict[str, object] = {"ready": False, "not_ready": not_ready}
         if store_problem is not None:
             answer["store"] = {"degraded": True, "error": store_problem}
+        if pending:
+            answer["vault_writeback_pending"] = pending
         return self._reply("readyz", 503, json_response(503, answer))
 
     async def _render_metrics(self, accept_encoding: bytes | None) -> bytes:
@@ -504,7 +511,7 @@ def _epoch(ts: float | None) -> int | None:
 
 def _account_view(account: Account, now: float) -> dict[str, object]:
     token = account.published
-    return {
+    view: dict[str, object] = {
         "name": account.name,
         "provider": account.provider,
         "state": account.state.value,
@@ -517,3 +524,6 @@ def _account_view(account: Account, now: float) -> dict[str, object]:
         "next_refresh_at": _epoch(account.next_attempt_at),
         "last_error": account.last_error,
     }
+    if account.config.writes_back:
+        view["vault_writeback_pending"] = account.writeback_pending
+    return view

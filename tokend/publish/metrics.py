@@ -79,7 +79,7 @@ import gzip
 import math
 import platform
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import TYPE_CHECKING, Protocol
@@ -453,7 +453,13 @@ class Metrics:
     instance's own (never prometheus_client's global one).
     """
 
-    def __init__(self, engine: EngineView, serve: ServeConfig) -> None:
+    def __init__(
+        self,
+        engine: EngineView,
+        serve: ServeConfig,
+        *,
+        writeback_pending: Callable[[], int] | None = None,
+    ) -> None:
         self.engine = engine
         self.serve = serve
         self.registry = CollectorRegistry(auto_describe=False)
@@ -487,6 +493,12 @@ class Metrics:
             registry=self.registry,
         )
         build_info.labels(__version__, platform.python_version()).set(1)
+        if writeback_pending is not None:
+            Gauge(
+                "tokend_vault_writeback_pending",
+                "Accounts whose rotated refresh token is not written back to the vault yet.",
+                registry=self.registry,
+            ).set_function(writeback_pending)
         self._known_providers: set[str] = set()
         self._add_providers(engine.providers)
 

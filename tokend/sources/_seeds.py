@@ -197,7 +197,7 @@ class SeedSources:
         except VaultError as exc:
             was = known.error if known is not None else None
             if was is None or str(was) != str(exc):
-                _log.error("vault_read_failed", account=account, secret=ref.where, error=str(exc))
+                _log.error("vault_read_failed", account=account, path=ref.where, error=str(exc))
             if known is not None and known.secret is not None:
                 # Keep serving the seed last read: a vault outage is not a new seed.
                 known.error = exc
@@ -207,7 +207,7 @@ class SeedSources:
         if known is not None and known.secret is not None:
             _log.info(
                 "vault_secret_changed",
-                secret=ref.where,
+                path=ref.where,
                 version=secret.version,
                 previous_version=known.secret.version,
             )

@@ -80,7 +80,7 @@ class VaultWriteBack:
                 self._pending[account] = _Retry(anyio.current_time())
                 self._wake.set()
         else:
-            self._pending.pop(account, None)
+            self._settled(account, "the vault holds the stored token")
 
     async def run(self, host: WriteBackHost) -> None:
         """Retry owed write-backs until cancelled; after a conflict, re-read first."""
@@ -147,10 +147,15 @@ class VaultWriteBack:
         except VaultError as exc:
             self._failed(account, exc)
             raise
+        self._settled(account, "written")
+        return seed_fp
+
+    def _settled(self, account: str, how: str) -> None:
         retry = self._pending.pop(account, None)
         if retry is not None and retry.attempts:
-            _log.info("vault_writeback_caught_up", account=account, attempts=retry.attempts)
-        return seed_fp
+            _log.info(
+                "vault_writeback_caught_up", account=account, attempts=retry.attempts, how=how
+            )
 
     async def _write(self, account: str, ref: VaultRef, token: str, record: StoredAccount) -> str:
         cas = vault_version(record.seed_fingerprint)
