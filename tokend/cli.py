@@ -120,6 +120,31 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_rekey(commands: Commands) -> None:
+    rekey = commands.add_parser(
+        "rekey", help="re-seal the stored tokens with a new state key (tokend stopped)"
+    )
+    add_config_arg(rekey)
+    rekey.add_argument(
+        "--new-key-file",
+        required=True,
+        metavar="FILE",
+        help="the new key: 32 bytes, raw or base64",
+    )
+    rekey.set_defaults(func=_rekey)
+
+
+def _rekey(args: argparse.Namespace) -> int:
+    loaded = load_or_report(args)
+    if loaded is None:
+        return 2
+    from pathlib import Path
+
+    from tokend.rekey import rekey_command
+
+    return rekey_command(loaded[0], Path(args.new_key_file))
+
+
 # -- client commands (fast: tokend.client_commands imports the standard library only) --------
 
 
@@ -239,6 +264,7 @@ def _revoke(args: argparse.Namespace) -> int:
 COMMANDS: tuple[Callable[[Commands], None], ...] = (
     _add_run,
     _add_check,
+    _add_rekey,
     _add_token,
     _add_status,
     _add_login,

@@ -12,11 +12,21 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from tokend.store._base import Store, StoreConflict, StoreError
+from tokend.store._crypto import StateKeyError, TokenCipher, configured_key
 
 if TYPE_CHECKING:
     from tokend.config import StateConfig
 
-__all__ = ["Store", "StoreConflict", "StoreError", "open_store"]
+__all__ = ["Store", "StoreConflict", "StoreError", "TokenCipher", "open_store", "state_cipher"]
+
+
+def state_cipher(config: StateConfig) -> TokenCipher | None:
+    """The cipher for tokens at rest, if a state key is configured anywhere."""
+    try:
+        key = configured_key(config.encryption_key_file)
+    except StateKeyError as exc:
+        raise StoreError(str(exc)) from None
+    return None if key is None else TokenCipher(key)
 
 
 def open_store(config: StateConfig) -> Store:
@@ -24,7 +34,7 @@ def open_store(config: StateConfig) -> Store:
     if config.backend == "sqlite":
         from tokend.store.sqlite import SqliteStore
 
-        return SqliteStore(config.path, exclusive=True)
+        return SqliteStore(config.path, exclusive=True, cipher=state_cipher(config))
     if config.backend == "etcd":
         from tokend.store.etcd import EtcdSettings, EtcdStore
 

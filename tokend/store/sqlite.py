@@ -52,6 +52,7 @@ import anyio
 
 from tokend.model import StoredAccount, TokenSet
 from tokend.store._base import StoreConflict, StoreError
+from tokend.store._crypto import StateKeyError, TokenCipher, is_sealed
 
 __all__ = ["SCHEMA_VERSION", "SqliteStore"]
 
@@ -89,6 +90,8 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )
         """,
     ),
+    # Facts about the file itself: the state key's check value, when tokens are sealed.
+    ("CREATE TABLE meta (name TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL)",),
 )
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
@@ -150,9 +153,16 @@ class SqliteStore:
     """A :class:`~tokend.store.Store` in one SQLite file (see the module docstring)."""
 
     def __init__(
-        self, path: Path | str, *, busy_timeout: float = 5.0, exclusive: bool = False
+        self,
+        path: Path | str,
+        *,
+        busy_timeout: float = 5.0,
+        exclusive: bool = False,
+        cipher: TokenCipher | None = None,
     ) -> None:
         self.path = Path(path)
+        # Seals the tokens at rest (AES-GCM, see _crypto); None: stored as they are.
+        self.cipher = cipher
         self.exclusive = exclusive
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self._lock_fd: int | None = None
@@ -272,6 +282,7 @@ class SqliteStore:
                 )
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
             _write(conn, self._migrate)
+            _write(conn, self._check_key)
         except sqlite3.Error as exc:
             conn.close()
             raise self._error("open", exc) from None
@@ -314,6 +325,50 @@ class SqliteStore:
                 conn.execute(statement)
         if current != SCHEMA_VERSION:
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _check_key(self, conn: sqlite3.Connection) -> None:
+        """A wrong or missing key is one clear error at open, never records that fail
+        to decode later (or a silent start from the seeds)."""
+        row = conn.execute("SELECT value FROM meta WHERE name = 'key_check'").fetchone()
+        cipher = self.cipher
+        if cipher is None:
+            if row is not None:
+                raise StoreError(
+                    f"sqlite store {self.path}: the state file is encrypted and no key is "
+                    "configured: set state.encryption_key_file (or $TOKEND_STATE_KEY, or the "
+                    "systemd credential tokend-state-key) to the key it was written with"
+                )
+            return
+        if row is None:
+            # The first open with a key: seal what was stored in the clear.
+            _reseal_all(conn, None, cipher)
+            conn.execute(
+                "INSERT INTO meta (name, value) VALUES ('key_check', ?)", (cipher.check_value(),)
+            )
+        elif not cipher.verify(str(row[0])):
+            raise StoreError(
+                f"sqlite store {self.path}: the configured state key does not open this "
+                "state file (it was written with another key): configure the key it was "
+                "written with; to change keys use tokend rekey"
+            )
+
+    async def rekey(self, new: TokenCipher) -> int:
+        """Re-seal every stored token with ``new``, in one transaction; returns how many
+        records were re-sealed. From then on the file opens with ``new`` only."""
+        old = self.cipher
+
+        def body(conn: sqlite3.Connection) -> int:
+            count = _reseal_all(conn, old, new)
+            conn.execute(
+                "INSERT INTO meta (name, value) VALUES ('key_check', ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                (new.check_value(),),
+            )
+            return count
+
+        count = await self._write("rekey", body)
+        self.cipher = new
+        return count
 
     def _close_sync(self) -> None:
         try:
@@ -386,7 +441,7 @@ class SqliteStore:
             # Token types, scopes and outcomes repeat across accounts; sqlite returns a
             # new string for each row (about 10 MB at 100,000 accounts).
             shared: dict[str, str] = {}
-            records = (_decode(row, shared) for row in conn.execute(_SELECT))
+            records = (_decode(row, shared, self.cipher) for row in conn.execute(_SELECT))
             return {r.account: r for r in records}
 
         return await self._run("load_all", body)
@@ -394,7 +449,7 @@ class SqliteStore:
     async def load(self, account: str) -> StoredAccount | None:
         def body(conn: sqlite3.Connection) -> StoredAccount | None:
             row = conn.execute(f"{_SELECT} WHERE account = ?", (account,)).fetchone()
-            return None if row is None else _decode(row)
+            return None if row is None else _decode(row, None, self.cipher)
 
         return await self._run(f"load of {account!r}", body)
 
@@ -403,7 +458,9 @@ class SqliteStore:
     async def put(self, record: StoredAccount) -> StoredAccount:
         _validate(record)
         return await self._write(
-            f"put of {record.account!r}", lambda c: _put_one(c, record), _secrets([record])
+            f"put of {record.account!r}",
+            lambda c: _put_one(c, record, self.cipher),
+            _secrets([record]),
         )
 
     async def put_many(self, records: Sequence[StoredAccount]) -> list[StoredAccount]:
@@ -419,7 +476,7 @@ class SqliteStore:
         batch = list(records)
         return await self._write(
             f"put of {len(batch)} records",
-            lambda c: [_put_one(c, r) for r in batch],
+            lambda c: [_put_one(c, r, self.cipher) for r in batch],
             _secrets(batch),
         )
 
@@ -671,9 +728,11 @@ def _in_savepoint(
     return True, value
 
 
-def _put_one(conn: sqlite3.Connection, record: StoredAccount) -> StoredAccount:
+def _put_one(
+    conn: sqlite3.Connection, record: StoredAccount, cipher: TokenCipher | None = None
+) -> StoredAccount:
     stored = replace(record, version=record.version + 1)
-    values = _encode(stored)
+    values = _encode(stored, cipher)
     if record.version == 0:
         cursor = conn.execute(_INSERT, values)
     else:
@@ -703,13 +762,18 @@ def _validate(record: StoredAccount) -> None:
         raise ValueError(f"record for {record.account!r} has a negative version")
 
 
-def _encode(r: StoredAccount) -> tuple[object, ...]:
+def _encode(r: StoredAccount, cipher: TokenCipher | None = None) -> tuple[object, ...]:
     t = r.token
+    refresh_token = r.refresh_token
+    access_token = None if t is None else t.access_token
+    if cipher is not None:
+        refresh_token = _seal(cipher, r.account, "refresh_token", refresh_token)
+        access_token = _seal(cipher, r.account, "access_token", access_token)
     return (
         r.account,
         r.seed_fingerprint,
-        r.refresh_token,
-        None if t is None else t.access_token,
+        refresh_token,
+        access_token,
         None if t is None else t.token_type,
         None if t is None else t.expires_at,
         None if t is None else t.issued_at,
@@ -722,7 +786,41 @@ def _encode(r: StoredAccount) -> tuple[object, ...]:
     )
 
 
-def _decode(row: Sequence[object], shared: dict[str, str] | None = None) -> StoredAccount:
+def _seal(cipher: TokenCipher, account: str, column: str, value: str | None) -> str | None:
+    return None if value is None else cipher.seal(account, column, value)
+
+
+def _open(cipher: TokenCipher | None, account: object, column: str, value: object) -> object:
+    if cipher is None or value is None:
+        if is_sealed(value if isinstance(value, str) else None):
+            raise _BadRow(f"{column} is encrypted but no state key is configured")
+        return value
+    try:
+        return cipher.open(_str(account), column, _str(value))
+    except StateKeyError as exc:
+        raise _BadRow(f"{column}: {exc}") from None
+
+
+def _reseal_all(conn: sqlite3.Connection, old: TokenCipher | None, new: TokenCipher) -> int:
+    """Re-seal every row's tokens (opened with ``old``, or stored in the clear)."""
+    rows = conn.execute("SELECT account, refresh_token, access_token FROM accounts").fetchall()
+    for account, refresh_token, access_token in rows:
+        values = [
+            _seal(new, account, column, _opt_str(_open(old, account, column, value)))
+            for column, value in (("refresh_token", refresh_token), ("access_token", access_token))
+        ]
+        conn.execute(
+            "UPDATE accounts SET refresh_token = ?, access_token = ? WHERE account = ?",
+            (*values, account),
+        )
+    return len(rows)
+
+
+def _decode(
+    row: Sequence[object],
+    shared: dict[str, str] | None = None,
+    cipher: TokenCipher | None = None,
+) -> StoredAccount:
     """The record in ``row``; equal strings of the repetitive columns (token type,
     scope, last outcome) are taken from ``shared`` when given."""
     (
@@ -740,6 +838,9 @@ def _decode(row: Sequence[object], shared: dict[str, str] | None = None) -> Stor
         updated_at,
         version,
     ) = row
+    if cipher is not None or is_sealed(refresh_token if isinstance(refresh_token, str) else None):
+        refresh_token = _open(cipher, account, "refresh_token", refresh_token)
+        access_token = _open(cipher, account, "access_token", access_token)
     token = None
     if access_token is not None:
         token = TokenSet(
