@@ -434,12 +434,21 @@ class Refresh:
         if sink is None or not sink.applies_to(account.name):
             return
         stored = account.record
-        try:
-            seed_fp = await sink.write_back(account.name, stored)
-        except Exception as exc:
+        seed_fp: str | None = None
+        error: str | None = None
+        # Bounded like a commit: it runs shielded, and a drain waits for it.
+        with anyio.move_on_after(COMMIT_TIMEOUT) as deadline:
+            try:
+                seed_fp = await sink.write_back(account.name, stored)
+            except Exception as exc:
+                error = str(exc)
+        if deadline.cancelled_caught:
+            error = f"no answer within {COMMIT_TIMEOUT:g} s"
+        if error is not None:
             # The local store holds the token: it is the journal the retry reads.
+            sink.note(account.name, stored)
             account.writeback_pending = True
-            _log.warning("write_back_failed", account=account.name, error=str(exc))
+            _log.warning("write_back_failed", account=account.name, error=error)
             return
         account.writeback_pending = False
         if seed_fp is None or seed_fp == stored.seed_fingerprint:

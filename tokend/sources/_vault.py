@@ -210,6 +210,7 @@ class VaultClient:
         where = f"vault login ({auth.method})"
         if auth.method == "token":
             token = self._read_secret(auth.token, auth.token_file, where)
+            register_secret(token)
             self._token = token
             await self._lookup_self(where)
         else:
@@ -239,7 +240,11 @@ class VaultClient:
             self._lease = self._lease_now()
         self.logins += 1
         self._refused = anyio.Event()
-        _log.info("vault_login", method=auth.method, ttl_s=self._lease)
+        _log.info(
+            "vault_login",
+            method=auth.method,
+            ttl_s=None if self._lease is None else round(self._lease),
+        )
 
     async def _lookup_self(self, where: str) -> None:
         answer = await self._raw("GET", "auth/token/lookup-self", where)
@@ -275,7 +280,7 @@ class VaultClient:
         self._set_lease(lease, _dig(answer.body, "auth", "renewable"))
         self.renewals += 1
         granted = self._lease_now()
-        _log.debug("vault_token_renewed", ttl_s=granted)
+        _log.debug("vault_token_renewed", ttl_s=None if granted is None else round(granted))
         if granted is not None and self._lease and granted < self._lease * _RENEW_SHORTFALL:
             # The token's max TTL caps it: the next step is a new login.
             self._renewable = False
@@ -314,9 +319,12 @@ class VaultClient:
     def _read_secret(self, inline: Any, path: Any, where: str) -> str:
         if inline is not None:
             value: str = inline.get_secret_value()
+            register_secret(value)
             return value
         try:
-            return read_secret_file(path)
+            value = read_secret_file(path)
+            register_secret(value)
+            return value
         except (OSError, ValueError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             message = f"{where}: cannot read {path}: {reason}"
