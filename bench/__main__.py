@@ -16,11 +16,12 @@ import traceback
 from bench._common import Options, Row, machine_facts
 
 # Cheapest first, then the 100,000-account run; the crash chaos (kill -9 loops) last.
-BENCHMARKS = ("cli", "socket", "refresh", "small", "hang", "scale", "chaos")
+BENCHMARKS = ("cli", "socket", "refresh", "vault", "small", "hang", "scale", "chaos")
 MODULES = {
     "cli": "bench.cli",
     "socket": "bench.socket_latency",
     "refresh": "bench.refresh",
+    "vault": "bench.vault",
     "small": "bench.startup",
     "hang": "bench.hang",
     "scale": "bench.scale",

@@ -57,8 +57,10 @@ def free_port() -> int:
 class Bao:
     """One OpenBao dev server."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, audit_log: Path | None = None) -> None:
         self.workdir = workdir
+        # A file audit device (OpenBao enables them from its config file only).
+        self.audit_log = audit_log
         self.port = free_port()
         self.address = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -70,6 +72,12 @@ class Bao:
     # -- lifecycle -----------------------------------------------------------------
 
     def start(self, timeout: float = 30.0) -> Bao:
+        extra = []
+        if self.audit_log is not None:
+            hcl = self.workdir / "audit.hcl"
+            device = f'options {{\n    file_path = "{self.audit_log}"\n  }}'
+            hcl.write_text(f'audit "file" "log" {{\n  {device}\n}}\n')
+            extra.append(f"-config={hcl}")
         log = open(self.workdir / "bao.log", "wb")  # noqa: SIM115 - owned by the server
         self.proc = subprocess.Popen(
             [
@@ -79,6 +87,7 @@ class Bao:
                 f"-dev-listen-address=127.0.0.1:{self.port}",
                 f"-dev-root-token-id={ROOT_TOKEN}",
                 "-dev-no-store-token",
+                *extra,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
