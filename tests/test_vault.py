@@ -252,3 +252,35 @@ def test_bad_vault_seeds_are_one_line_each_and_the_others_run(
         assert "\n" not in error and f"account {name}" in error
     assert "s3cret-other-value" not in tokend.log_text()
     assert tokend.stop() == 0
+
+
+def test_a_sign_in_writes_the_new_seed_to_the_vault(
+    fresh_idp: IdP, bao: Bao, tmp_path: Path
+) -> None:
+    import anyio
+    import yaml
+
+    from tokend.config import load_config
+    from tokend.login import LoginError, deliver_seed
+
+    path, _ = seed_in_vault(fresh_idp, bao)
+    config = vault_config(fresh_idp, bao, tmp_path)
+    config["accounts"] = {
+        "alice": {"provider": "idp", "refresh_token": f"vault://secret/{path}#refresh_token"},
+        "bob": {
+            "provider": "idp",
+            "refresh_token": f"vault://secret/{path}#bob",
+            "write_back": False,
+        },
+        "carol": {"provider": "idp", "refresh_token": "vault://secret/tokend/new-one#rt"},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    loaded = load_config(tmp_path / "config.yaml")
+    said = anyio.run(deliver_seed, loaded, "alice", loaded.accounts["alice"], "signed-in-token")
+    assert "version 2" in said
+    assert bao.get_secret(path) == ({"refresh_token": "signed-in-token", "owner": "team-a"}, 2)
+    # tokend's own policy has no 'create': a new secret is the operator's to make.
+    with pytest.raises(LoginError, match="needs 'create' on secret/data/tokend/new-one"):
+        anyio.run(deliver_seed, loaded, "carol", loaded.accounts["carol"], "carol-token")
+    with pytest.raises(LoginError, match="read-only"):
+        anyio.run(deliver_seed, loaded, "bob", loaded.accounts["bob"], "x")

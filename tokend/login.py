@@ -334,6 +334,9 @@ class DaemonNotRunning(Exception):
 
 async def deliver_seed(config: Config, name: str, aconf: AccountConfig, seed: str) -> str:
     """Make ``seed`` the account's seed; returns what happened, for the user."""
+    if aconf.vault_ref is not None:
+        # The vault holds the seed: a running tokend notices the new version there.
+        return await write_vault_seed(config, name, aconf, seed)
     if config.serve.socket is not None:
         try:
             return await anyio.to_thread.run_sync(
@@ -411,6 +414,42 @@ class _UnixConnection(http.client.HTTPConnection):
             sock.close()
             raise
         self.sock = sock
+
+
+async def write_vault_seed(config: Config, name: str, aconf: AccountConfig, seed: str) -> str:
+    """Write ``seed`` to the account's vault secret (check-and-set, other fields kept)."""
+    from tokend.sources import VaultClient, VaultError, VaultErrorKind
+
+    ref = aconf.vault_ref
+    assert ref is not None and config.vault is not None  # the config's own checks
+    if not aconf.writes_back:
+        raise LoginError(
+            f"the seed of {name!r} is read-only (write_back: false): put the new refresh "
+            f"token in vault secret {ref.where} yourself; nothing was changed"
+        )
+    vault = VaultClient(config.vault)
+    try:
+        try:
+            secret = await vault.read(ref, name)
+            data, cas = dict(secret.data), secret.version
+        except VaultError as exc:
+            if exc.kind is not VaultErrorKind.MISSING_SECRET:
+                raise
+            data, cas = {}, 0
+            try:
+                cas = await vault.current_version(ref, name)  # a deleted newest version
+            except VaultError as missing:
+                if missing.kind is not VaultErrorKind.MISSING_SECRET:
+                    raise
+        version = await vault.write(ref, name, {**data, ref.field: seed}, cas)
+    except VaultError as exc:
+        raise LoginError(f"{exc}; the new refresh token was not stored") from None
+    finally:
+        await vault.aclose()
+    return (
+        f"wrote the new refresh token to vault secret {ref.where} (version {version}); "
+        "tokend takes it up within vault.poll_interval, or when it starts"
+    )
 
 
 async def write_seed(config: Config, name: str, aconf: AccountConfig, seed: str) -> str:

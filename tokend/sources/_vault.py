@@ -175,9 +175,9 @@ class VaultClient:
         """Write a new version if the newest is still ``cas``; returns the new version.
         Raises CAS_CONFLICT if someone else wrote first (nothing was written)."""
         body = {"options": {"cas": cas}, "data": dict(data)}
-        answer = await self._call(
-            "POST", f"{ref.mount}/data/{ref.path}", account, ref, "write", body
-        )
+        # cas 0 creates the secret (a first sign-in); any other version updates it.
+        verb = "create" if cas == 0 else "write"
+        answer = await self._call("POST", f"{ref.mount}/data/{ref.path}", account, ref, verb, body)
         if answer.status == 400 and any("check-and-set" in e for e in answer.errors):
             raise VaultError(
                 VaultErrorKind.CAS_CONFLICT,
@@ -494,6 +494,8 @@ def _short(exc: Exception) -> str:
 
 
 def _capability(method: str, verb: str) -> str:
+    if verb == "create":
+        return "create"
     if method == "POST":
         return "update"  # a check-and-set write of an existing secret
     return "read"
