@@ -203,7 +203,8 @@ class SeedSources:
                 known.error = exc
                 return False
             self._secrets[ref.where] = _Secret(ref.where, None, exc)
-            return True
+            # Only a new reason is news for the accounts (they log it once).
+            return was is None or str(was) != str(exc)
         if known is not None and known.secret is not None:
             _log.info(
                 "vault_secret_changed",

@@ -71,21 +71,31 @@ class SeedWatcher:
                 group.start_soon(self._poll_vault)
 
     async def _watch_files(self) -> None:
-        self._scan_files()  # the signatures the config was loaded with
+        await self._scan()  # the signatures the config was loaded with
         while True:
             await anyio.sleep(self.file_interval)
-            changed = self._scan_files()
+            changed = await self._scan()
             if changed:
                 _log.info("seed_file_changed", accounts=sorted(changed))
                 await self.on_change(changed)
 
-    def _scan_files(self) -> set[str]:
+    async def _scan(self) -> set[str]:
+        # The list is taken here (a reload may change the accounts meanwhile); the
+        # stats, one per file, run off the event loop.
+        files = [
+            (name, aconf.refresh_token_file)
+            for name, aconf in self.accounts().items()
+            if aconf.refresh_token_file is not None
+        ]
+        if not files:
+            self._files = {}
+            return set()
+        return await anyio.to_thread.run_sync(self._scan_files, files)
+
+    def _scan_files(self, files: list[tuple[str, Path]]) -> set[str]:
         changed: set[str] = set()
         seen: dict[str, tuple[Path, Signature]] = {}
-        for name, aconf in self.accounts().items():
-            path = aconf.refresh_token_file
-            if path is None:
-                continue
+        for name, path in files:
             signature = file_signature(path)
             before = self._files.get(name)
             if signature is None and before is not None:

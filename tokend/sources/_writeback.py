@@ -90,6 +90,10 @@ class VaultWriteBack:
                 retry = self._pending.get(name)
                 if retry is None:
                     continue
+                if not self.applies_to(name):
+                    # Removed, or write_back turned off by a reload: nothing is owed.
+                    del self._pending[name]
+                    continue
                 if retry.conflict:
                     aconf = self.accounts().get(name)
                     if aconf is not None:
