@@ -13,9 +13,9 @@ fingerprint names the secret's version and the token (``vault:VERSION:HASH``), s
   fingerprint names (:func:`writeback_owed`): that *is* the durable "write-back pending"
   mark, set by the very commit that stored the rotated token, so a crash cannot lose it.
 
-Vault reads are async and the engine reads seeds synchronously, so vault seeds are
-read ahead (:meth:`SeedSources.sync`) and served from here; a failed read is kept as
-the account's seed error until a later read succeeds.
+Vault seeds are read ahead (:meth:`SeedSources.sync`: at start, concurrently, and
+then only when a secret's version moved) and served from here; a failed read is kept
+as the account's seed error until a later read succeeds.
 """
 
 from __future__ import annotations
