@@ -149,6 +149,22 @@ def test_vault_outage_keeps_serving_and_the_write_back_catches_up(
     )
     assert tokend.stop() == 0
     assert bao.get_secret(path)[0]["refresh_token"] == stored_refresh_token(tokend, "alice")
+
+    # Pending across a crash: the owed write-back is in the store, and the next start
+    # finishes it.
+    tokend.start()
+    tokend.wait_event("refresh", account="alice", outcome="success", count=before + 2)
+    bao.pause()
+    try:
+        tokend.wait_event("write_back_failed", account="alice", count=2, timeout=20)
+        tokend.kill9()
+    finally:
+        bao.resume()
+    tokend.start()
+    count = len(tokend.events("refresh", account="alice", outcome="success"))
+    tokend.wait_event("refresh", account="alice", outcome="success", count=count + 1)
+    assert tokend.stop() == 0
+    assert bao.get_secret(path)[0]["refresh_token"] == stored_refresh_token(tokend, "alice")
     assert reuse_detections(fresh_idp) == 0
 
 
