@@ -29,7 +29,7 @@ import anyio
 from tokend.config import AccountConfig, VaultRef, read_secret_file
 from tokend.logs import get_logger, register_secret
 from tokend.model import StoredAccount, fingerprint
-from tokend.sources._vault import KvSecret, VaultClient, VaultError
+from tokend.sources._vault import KvSecret, VaultClient, VaultError, VaultErrorKind
 
 __all__ = [
     "Seed",
@@ -173,10 +173,13 @@ class SeedSources:
         changed: set[str] = set()
         pending = iter(list(by_secret.values()))
         vault = self.vault
+        # Once the vault is found unreachable or sealed, the rest of this pass records
+        # that for each secret instead of waiting out a timeout per secret.
+        down: list[VaultError] = []
 
         async def worker() -> None:
             for ref, names in pending:
-                if await self._sync_one(vault, ref, names[0], check):
+                if await self._sync_one(vault, ref, names[0], check, down):
                     changed.update(names)
 
         async with anyio.create_task_group() as group:
@@ -184,9 +187,18 @@ class SeedSources:
                 group.start_soon(worker)
         return changed
 
-    async def _sync_one(self, vault: VaultClient, ref: VaultRef, account: str, check: bool) -> bool:
+    async def _sync_one(
+        self, vault: VaultClient, ref: VaultRef, account: str, check: bool, down: list[VaultError]
+    ) -> bool:
         known = self._secrets.get(ref.where)
         try:
+            if down:
+                raise VaultError(
+                    down[0].kind,
+                    f"account {account}: vault secret {ref.where}: not read, the vault "
+                    f"is {'sealed' if down[0].kind is VaultErrorKind.SEALED else 'unreachable'}"
+                    " (retried)",
+                )
             if known is not None and known.secret is not None:
                 if not check:
                     return False
@@ -195,6 +207,8 @@ class SeedSources:
                     return False
             secret = await vault.read(ref, account)
         except VaultError as exc:
+            if exc.transient and not down:
+                down.append(exc)
             was = known.error if known is not None else None
             if was is None or str(was) != str(exc):
                 _log.error("vault_read_failed", account=account, path=ref.where, error=str(exc))
