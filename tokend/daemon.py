@@ -29,7 +29,7 @@ from tokend.publish import Publisher, TokenFiles
 from tokend.publish.metrics import Metrics
 from tokend.publish.server import ServeError, serve_socket, serve_tcp
 from tokend.sources import SeedSources, SeedWatcher, VaultClient, VaultError, VaultWriteBack
-from tokend.store import StoreError, open_store
+from tokend.store import SharedStore, StoreError, open_store
 
 _log = logs.get_logger()
 
@@ -191,13 +191,19 @@ class Daemon:
                 providers=len(self.config.providers),
                 accounts=len(self.config.accounts),
             )
-            await engine.load()
-            # The accounts just loaded live as long as the process: keep the cyclic
-            # collector from rescanning them (a full pass over 100,000 accounts stops
-            # every thread for ~125 ms).
-            gc.collect()
-            gc.freeze()
             async with anyio.create_task_group() as group:
+                store = engine.store
+                # What other replicas write from here on reaches this one, after load.
+                changes = store.changes() if isinstance(store, SharedStore) else None
+                await self._start_shared_store(engine, group)
+                await engine.load()
+                # The accounts just loaded live as long as the process: keep the cyclic
+                # collector from rescanning them (a full pass over 100,000 accounts stops
+                # every thread for ~125 ms).
+                gc.collect()
+                gc.freeze()
+                if changes is not None:
+                    group.start_soon(engine.follow, changes)
                 group.start_soon(self._handle_signals, engine, group)
                 await self._seed_tasks(engine, group)
                 # Services answer while the engine runs and drains, then stop with it.
@@ -207,6 +213,12 @@ class Daemon:
                 group.cancel_scope.cancel()
             _log.info("stopped", exit_code=code)
         return code
+
+    async def _start_shared_store(self, engine: Engine, group: TaskGroup) -> None:
+        """A store shared with other replicas (etcd) keeps its lease and watch in the
+        background, from before the first read until the process stops."""
+        if isinstance(engine.store, SharedStore):
+            await group.start(engine.store.run)
 
     def _services(self, engine: Engine) -> list[Service]:
         """Long-running servers around the engine; each is started with
@@ -228,7 +240,10 @@ class Daemon:
     async def _run_once(self) -> int:
         async with AsyncExitStack() as stack:
             engine = await self._open(stack)
-            ok = await engine.run_once()
+            async with anyio.create_task_group() as group:
+                await self._start_shared_store(engine, group)
+                ok = await engine.run_once()
+                group.cancel_scope.cancel()
             missing = sorted(
                 name
                 for name, account in engine.accounts.items()

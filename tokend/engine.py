@@ -64,7 +64,7 @@ from tokend.runtime import Account, ProviderRuntime
 from tokend.schedule import RefreshSchedule
 from tokend.seed import new_seed_record, write_seed_file
 from tokend.sources import Seed, SeedSources, continues_chain
-from tokend.store import Store, StoreError
+from tokend.store import RecordWritten, SharedStore, Store, StoreChange, StoreError
 
 __all__ = ["Account", "Engine", "ProviderRuntime"]
 
@@ -634,6 +634,14 @@ class Engine:
                 problem = await self.store.verify()
             except StoreError as exc:
                 problem = str(exc)
+            if isinstance(self.store, SharedStore):
+                # The cluster keeps the records: there is nothing to rewrite, only a
+                # problem to show until the store reports it gone.
+                if problem != self.store_problem:
+                    log = _log.error if problem else _log.warning
+                    log("store_degraded" if problem else "store_recovered", error=problem)
+                self.store_problem = problem
+                continue
             if problem is None:
                 interval = _STORE_CHECK_INTERVAL
                 continue
@@ -700,6 +708,36 @@ class Engine:
                         await publisher.expire(name, now)
 
     # -- records written elsewhere (replicas) ----------------------------------------------
+
+    async def follow(self, changes: AsyncIterator[StoreChange]) -> None:
+        """Follow a shared store's ``changes()``: publish what the owning replicas
+        write, and take up the accounts this replica becomes the owner of."""
+        async for change in changes:
+            if isinstance(change, RecordWritten):
+                await self.adopt(change.record)
+            else:
+                self.took_over(change.accounts)
+
+    def took_over(self, names: Iterable[str]) -> None:
+        """This replica now owns ``names``: schedule each from its record. One found in
+        flight (its owner died mid-refresh) goes at once, ahead of everything, as a
+        restart would: the retry lands inside the IdP's reuse grace."""
+        now = self.clock.time()
+        for name in names:
+            account = self.accounts.get(name)
+            if account is None or account.busy:
+                continue
+            if account.state is AccountState.NEEDS_REAUTH or self._unusable(account):
+                continue
+            record = account.record
+            if record.in_flight_since is not None:
+                if account.policy.lost_response_at is None:
+                    account.policy = AccountPolicyState(lost_response_at=record.in_flight_since)
+                self.schedule(account, now)
+            elif not account.token_valid(now):
+                self.schedule(account, now)
+            else:
+                self.schedule(account, max(now, self._next_refresh_time(account)))
 
     async def adopt(self, record: StoredAccount) -> None:
         """Take ``record``, written by another replica, if it is newer than ours."""

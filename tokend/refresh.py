@@ -47,7 +47,7 @@ from tokend.policy import (
 )
 from tokend.publish import Publisher
 from tokend.runtime import Account, ProviderRuntime
-from tokend.store import Store, StoreConflict, StoreError
+from tokend.store import SharedStore, Store, StoreConflict, StoreError
 
 _log = get_logger()
 
@@ -202,7 +202,15 @@ class Refresh:
             return False
         if not claimed:
             # Another process or replica refreshes this account; look again shortly.
-            host.schedule(account, host.clock.time() + 5.0)
+            # A live replica that owns it publishes its tokens here as it writes them:
+            # then look again only once the token it holds has expired (a takeover
+            # reschedules the account the moment this replica becomes the owner).
+            at = host.clock.time() + 5.0
+            store = host.store
+            token = account.published
+            if isinstance(store, SharedStore) and store.owned_elsewhere(account.name) and token:
+                at = max(at, token.expires_at)
+            host.schedule(account, at)
         return claimed
 
     async def _release(self, account: Account) -> None:

@@ -11,13 +11,32 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tokend.store._base import Store, StoreConflict, StoreError
+from tokend.store._base import (
+    AccountsAcquired,
+    RecordWritten,
+    SharedStore,
+    Store,
+    StoreChange,
+    StoreConflict,
+    StoreError,
+)
 from tokend.store._crypto import StateKeyError, TokenCipher, configured_key
 
 if TYPE_CHECKING:
     from tokend.config import StateConfig
 
-__all__ = ["Store", "StoreConflict", "StoreError", "TokenCipher", "open_store", "state_cipher"]
+__all__ = [
+    "AccountsAcquired",
+    "RecordWritten",
+    "SharedStore",
+    "Store",
+    "StoreChange",
+    "StoreConflict",
+    "StoreError",
+    "TokenCipher",
+    "open_store",
+    "state_cipher",
+]
 
 
 def state_cipher(config: StateConfig) -> TokenCipher | None:

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from anyio.abc import TaskStatus
 
 from tokend.model import StoredAccount
 
@@ -61,4 +65,39 @@ class Store(Protocol):
     async def recreate(self) -> None:
         """Start over after :meth:`verify` reported a problem; the caller then writes
         every record it holds. A backend with nothing to recreate does nothing."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class RecordWritten:
+    """Another replica wrote ``record``."""
+
+    record: StoredAccount
+
+
+@dataclass(frozen=True, slots=True)
+class AccountsAcquired:
+    """This replica became the owner of ``accounts`` (joined, or took them over)."""
+
+    accounts: tuple[str, ...]
+
+
+StoreChange = RecordWritten | AccountsAcquired
+
+
+@runtime_checkable
+class SharedStore(Store, Protocol):
+    """A store that replicas share: each account is owned (refreshed) by one of them,
+    and the others follow its writes."""
+
+    async def run(self, *, task_status: TaskStatus[None]) -> None:
+        """Background work (leases, watches, ownership) until cancelled."""
+        ...
+
+    def changes(self) -> AsyncIterator[StoreChange]:
+        """What other replicas wrote and what this one took over, in order."""
+        ...
+
+    def owned_elsewhere(self, account: str) -> bool:
+        """Another live replica owns ``account`` (it refreshes it, this one follows)."""
         ...

@@ -38,7 +38,7 @@ import math
 import os
 import socket
 import ssl
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -46,8 +46,15 @@ from typing import Any, Final
 import anyio
 import orjson
 
+from tokend.logs import get_logger
 from tokend.model import StoredAccount, TokenSet
-from tokend.store._base import StoreConflict, StoreError
+from tokend.store._base import (
+    AccountsAcquired,
+    RecordWritten,
+    StoreChange,
+    StoreConflict,
+    StoreError,
+)
 from tokend.store._crypto import RecordCipher, StateKeyError, load_key
 from tokend.store._etcd_client import (
     EtcdClient,
@@ -65,6 +72,8 @@ from tokend.store._etcd_client import (
 )
 
 __all__ = ["EtcdSettings", "EtcdStore", "StoreFenced", "rendezvous_owner"]
+
+_log = get_logger()
 
 # Owner keys acquired per txn (etcd allows 128 operations per txn branch by default).
 _ACQUIRE_BATCH: Final = 64
@@ -150,10 +159,12 @@ class EtcdStore:
         self._problem: str | None = "etcd store is not open"
         self._rebalance_wanted = anyio.Event()
         self._closing = False
-        # Set by the engine: a record another replica wrote; accounts this replica
-        # has just become the owner of.
-        self.on_record: Callable[[StoredAccount], None] | None = None
-        self.on_acquired: Callable[[list[str]], None] | None = None
+        # Records other replicas wrote, accounts taken over: to whoever follows
+        # (bounded: a slow follower holds the watch back rather than memory growing).
+        self._changes_send, self._changes_recv = anyio.create_memory_object_stream[StoreChange](
+            1024
+        )
+        self._followed = False
         # Counters for metrics and benchmarks.
         self.fenced_writes = 0
         self.takeovers = 0
@@ -321,6 +332,20 @@ class EtcdStore:
         if account in st.held and rendezvous_owner(account, st.members) != self.replica_id:
             self._rebalance_wanted.set()
 
+    def changes(self) -> AsyncIterator[StoreChange]:
+        """Records other replicas wrote and accounts this one took over, in order, from
+        this call on (one follower; until there is one, nothing is queued)."""
+        self._followed = True
+        return self._changes_recv.__aiter__()
+
+    def owned_elsewhere(self, account: str) -> bool:
+        entry = self._state.owners.get(account)
+        return entry is not None and entry[0] != self.replica_id and self._lease_usable()
+
+    async def _tell(self, change: StoreChange) -> None:
+        if self._followed:
+            await self._changes_send.send(change)
+
     def owns(self, account: str) -> bool:
         return account in self._state.held
 
@@ -359,6 +384,7 @@ class EtcdStore:
         await client.txn([], [op_put(key, orjson.dumps(member), lease)])
         self._state.members.add(self.replica_id)
         self._problem = None
+        _log.info("etcd_joined", replica=self.replica_id, lease=f"{lease:x}", lease_ttl_s=ttl)
 
     def _lease_usable(self) -> bool:
         # A refresh needs the lease to outlive it with margin: claim only while at
@@ -443,7 +469,7 @@ class EtcdStore:
                 ):
                     pause = 0.05
                     for event in events:
-                        self._apply(event)
+                        await self._apply(event)
                         self._watch_revision = max(self._watch_revision, event.kv.mod_revision)
             except WatchCompacted:
                 # Missed events are gone: read the state again, and every record.
@@ -458,11 +484,10 @@ class EtcdStore:
             records = await self.load_all()
         except EtcdError:
             return
-        if self.on_record is not None:
-            for record in records.values():
-                self.on_record(record)
+        for record in records.values():
+            await self._tell(RecordWritten(record))
 
-    def _apply(self, event: WatchEvent) -> None:
+    async def _apply(self, event: WatchEvent) -> None:
         key = event.kv.key
         st = self._state
         if key.startswith(self._accounts_prefix):
@@ -471,11 +496,15 @@ class EtcdStore:
                 st.accounts.discard(account)
                 return
             st.accounts.add(account)
-            if self.on_record is None or _writer(event.kv.value) == self.replica_id:
+            if not self._followed or _writer(event.kv.value) == self.replica_id:
                 return  # this replica's own write: the engine has it already
-            record = self._decode(event.kv)
+            try:
+                record = self._decode(event.kv)
+            except StoreError as exc:
+                _log.error("store_record_unreadable", account=account, error=str(exc))
+                return
             if record is not None:
-                self.on_record(record)
+                await self._tell(RecordWritten(record))
         elif key.startswith(self._owners_prefix):
             account = _suffix(key, self._owners_prefix)
             held = st.held.get(account)
@@ -536,8 +565,7 @@ class EtcdStore:
             got = await self._acquire(sorted(want))
             if got:
                 self.takeovers += len(got)
-                if self.on_acquired is not None:
-                    self.on_acquired(got)
+                await self._tell(AccountsAcquired(tuple(got)))
 
     async def _acquire(self, accounts: Sequence[str]) -> list[str]:
         """Create the owner keys of ``accounts`` that are free, bound to the lease."""

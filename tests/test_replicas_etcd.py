@@ -1,0 +1,306 @@
+"""Replicas sharing accounts through a real 3-member etcd cluster, against the real IdP
+with refresh token rotation on and no reuse grace: each account is refreshed by one
+replica at a time, every replica serves every account, a dead replica's accounts are
+taken over, and a paused replica that lost its lease commits nothing."""
+
+from __future__ import annotations
+
+import base64
+import os
+import random
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.conftest import Tokend, base_config, wait_until
+from tests.etcd_cluster import EtcdCluster
+from tests.idp_harness import IdP
+from tokend.store._crypto import RecordCipher
+
+LEASE_TTL = 2.0
+TOKEN_TTL = 8
+
+
+class Fleet:
+    """Replicas of one deployment: same config, same prefix, one workdir each."""
+
+    def __init__(
+        self,
+        factory: Callable[..., Tokend],
+        config: dict[str, Any],
+        key: bytes,
+        etcd: EtcdCluster,
+    ) -> None:
+        self.factory = factory
+        self.config = config
+        self.key = key
+        self.etcd = etcd
+        self.prefix: str = config["state"]["prefix"]
+        self.replicas: list[Tokend] = []
+        self.generation = 0
+
+    def start(self, count: int) -> list[Tokend]:
+        started = [self.start_one() for _ in range(count)]
+        for replica in started:
+            replica.wait_event("etcd_joined")
+        return started
+
+    def start_one(self) -> Tokend:
+        self.generation += 1
+        replica = self.factory(self.config, name=f"replica-{self.generation}")
+        (replica.workdir / "state.key").write_bytes(self.key)
+        replica.start()
+        self.replicas.append(replica)
+        return replica
+
+    def alive(self) -> list[Tokend]:
+        return [r for r in self.replicas if r.proc is not None and r.proc.poll() is None]
+
+    @staticmethod
+    def replica_id(replica: Tokend) -> str:
+        return str(replica.wait_event("etcd_joined")[-1]["replica"])
+
+    def records(self) -> dict[str, dict[str, Any]]:
+        """Every account's record as stored: writer, revision and the decrypted body."""
+        cipher = RecordCipher(self.key)
+        out = {}
+        for key, kv in self.etcd.get_prefix(self.prefix + "accounts/").items():
+            account = key.rsplit("/", 1)[1]
+            envelope = orjson.loads(kv["value"])
+            body = orjson.loads(cipher.open(account, base64.b64decode(envelope["sealed"])))
+            out[account] = {
+                "by": envelope["by"],
+                "lease": envelope["lease"],
+                "mod_revision": int(kv["mod_revision"]),
+                **body,
+            }
+        return out
+
+
+@pytest.fixture
+def fleet(
+    etcd: EtcdCluster, fresh_idp: IdP, tokend_factory: Callable[..., Tokend], tmp_path: Path
+) -> Fleet:
+    config = base_config(fresh_idp)
+    config["state"] = {
+        "backend": "etcd",
+        "endpoints": etcd.endpoints,
+        "prefix": f"/replicas-{tmp_path.name}/",
+        "encryption_key_file": "./state.key",
+        "lease_ttl": f"{LEASE_TTL:g}s",
+    }
+    config["serve"]["drain_timeout"] = "3s"
+    # A dead owner's accounts wait up to the lease TTL and a rebalance for their new
+    # owner: the refresh margin covers that, so nobody is handed an expired token.
+    fresh_idp.configure(access_token_ttl=TOKEN_TTL)
+    config["refresh"] = {"min_margin": f"{TOKEN_TTL / 2:g}s"}
+    return Fleet(tokend_factory, config, os.urandom(32), etcd)
+
+
+def seed_accounts(fleet: Fleet, idp: IdP, count: int) -> list[str]:
+    names = [f"acct-{i}" for i in range(count)]
+    fleet.config["accounts"] = {
+        name: {"provider": "idp", "refresh_token": idp.seed("basic-client")} for name in names
+    }
+    return names
+
+
+def token_file_valid(replica: Tokend, account: str, now: float) -> bool:
+    data = replica.token_json(account)
+    return data is not None and float(data["expires_at"]) > now
+
+
+def reuse_detections(idp: IdP) -> list[str]:
+    """Refresh tokens presented more than once (each such request is a reuse to the IdP,
+    which revokes the grant)."""
+    counts = Counter(
+        e["refresh_token_sha256"]
+        for e in idp.log()
+        if e["grant_type"] == "refresh_token" and e["refresh_token_sha256"]
+    )
+    return [sha for sha, n in counts.items() if n > 1]
+
+
+class Reader:
+    """Reads every account's token file from every running replica, continuously, and
+    records any token it was handed after that token's expiry."""
+
+    def __init__(self, fleet: Fleet, accounts: list[str]) -> None:
+        self.fleet = fleet
+        self.accounts = accounts
+        self.expired: list[tuple[str, str, float]] = []
+        self.reads = 0
+        self.paused: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> Reader:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            for replica in self.fleet.alive():
+                if replica.proc is None or replica.proc.pid in self.paused:
+                    continue
+                for account in self.accounts:
+                    try:
+                        data = replica.token_json(account)
+                    except (OSError, ValueError):
+                        continue  # being replaced right now
+                    now = time.time()
+                    self.reads += 1
+                    if data is None or replica.proc.poll() is not None:
+                        continue  # a killed replica's files are not being served
+                    late = now - float(data["expires_at"])
+                    if late > 0.5:
+                        self.expired.append((replica.workdir.name, account, late))
+            self._stop.wait(0.05)
+
+
+def test_replicas_split_the_accounts_and_serve_them_all(fleet: Fleet, fresh_idp: IdP) -> None:
+    names = seed_accounts(fleet, fresh_idp, 6)
+    replicas = fleet.start(3)
+    now = time.time()
+    wait_until(
+        lambda: all(token_file_valid(r, n, time.time()) for r in replicas for n in names),
+        timeout=30,
+        what="every replica serving every account",
+    )
+    # Let a few refresh rounds pass, then look at who did what.
+    wait_until(
+        lambda: (
+            len([e for e in fresh_idp.log() if e["grant_type"] == "refresh_token"])
+            >= 2 * len(names)
+        ),
+        timeout=30,
+        what="three refreshes per account",
+    )
+    assert reuse_detections(fresh_idp) == []
+    records = fleet.records()
+    assert set(records) == set(names)
+    writers = {fleet.replica_id(r) for r in replicas}
+    assert {rec["by"] for rec in records.values()} <= writers
+    # Each replica refreshed some accounts: the work is spread, not led by one.
+    refreshed_by = Counter(
+        e["account"] for r in replicas for e in r.events("refresh", outcome="success")
+    )
+    assert set(refreshed_by) == set(names)
+    assert all(len(r.events("refresh", outcome="success")) > 0 for r in replicas)
+    assert time.time() - now < 60
+
+
+def test_kills_of_replicas_and_the_etcd_leader_cost_no_token(
+    fleet: Fleet, fresh_idp: IdP, etcd: EtcdCluster
+) -> None:
+    rng = random.Random(int(os.environ.get("TOKEND_CHAOS_SEED", "12")))
+    names = seed_accounts(fleet, fresh_idp, 6)
+    fleet.start(3)
+    wait_until(
+        lambda: all(token_file_valid(r, n, time.time()) for r in fleet.alive() for n in names),
+        timeout=30,
+        what="every replica serving every account",
+    )
+    with Reader(fleet, names) as reader:
+        deadline = time.monotonic() + 24
+        kills = 0
+        leader_kills = 0
+        while time.monotonic() < deadline:
+            time.sleep(rng.uniform(1.0, 3.0))
+            if rng.random() < 0.3:
+                leader = etcd.leader()
+                etcd.kill(leader)
+                leader_kills += 1
+                time.sleep(rng.uniform(0.2, 1.0))
+                etcd.start(leader, wait=False)
+                continue
+            victim = rng.choice(fleet.alive())
+            kill_outside_exchange(fleet, victim, reader)
+            kills += 1
+            fleet.start_one()
+        etcd.wait_healthy()
+        # After the chaos: every account is refreshed again and served everywhere.
+        marker = time.time()
+        wait_until(
+            lambda: all(float(rec["at"]["iat"]) > marker for rec in fleet.records().values()),
+            timeout=20,
+            what="every account refreshed after the last kill",
+        )
+        wait_until(
+            lambda: all(token_file_valid(r, n, time.time()) for r in fleet.alive() for n in names),
+            timeout=20,
+            what="every live replica serving every account",
+        )
+    assert kills >= 3
+    assert reuse_detections(fresh_idp) == []
+    assert not [e for e in fresh_idp.log() if e["error"] == "invalid_grant"]
+    assert reader.expired == []
+    assert reader.reads > 100
+
+
+def kill_outside_exchange(fleet: Fleet, victim: Tokend, reader: Reader) -> None:
+    """SIGKILL ``victim`` at a moment when none of its refresh tokens is at the IdP.
+
+    A kill between sending a refresh token and committing its answer loses the rotated
+    token by nature (no reuse grace: the IdP accepts neither copy again); that window
+    lasts milliseconds and is what the reuse grace and the in-flight mark are for. The
+    victim is stopped first, and killed only if it holds no in-flight mark."""
+    assert victim.proc is not None
+    replica = fleet.replica_id(victim)
+    for _ in range(50):
+        victim.proc.send_signal(signal.SIGSTOP)
+        reader.paused.add(victim.proc.pid)
+        marked = [a for a, rec in fleet.records().items() if rec["by"] == replica and rec["flight"]]
+        if not marked:
+            victim.proc.kill()
+            victim.proc.wait(10)
+            return
+        victim.proc.send_signal(signal.SIGCONT)
+        reader.paused.discard(victim.proc.pid)
+        time.sleep(0.03)
+    raise AssertionError("the victim always had a refresh in flight")
+
+
+def test_a_paused_replica_past_its_lease_commits_nothing(fleet: Fleet, fresh_idp: IdP) -> None:
+    names = seed_accounts(fleet, fresh_idp, 4)
+    paused, other = fleet.start(2)
+    wait_until(
+        lambda: all(token_file_valid(r, n, time.time()) for r in (paused, other) for n in names),
+        timeout=30,
+        what="both replicas serving every account",
+    )
+    assert paused.proc is not None
+    paused_id = fleet.replica_id(paused)
+    old_lease = paused.events("etcd_joined")[-1]["lease"]
+    paused.proc.send_signal(signal.SIGSTOP)
+    stopped_at = time.time()
+    try:
+        # The other replica takes over once the lease has expired, and refreshes.
+        wait_until(
+            lambda: all(
+                rec["by"] != paused_id and float(rec["at"]["iat"]) > stopped_at
+                for rec in fleet.records().values()
+            ),
+            timeout=LEASE_TTL + 12,
+            what="the other replica owning and refreshing every account",
+        )
+    finally:
+        paused.proc.send_signal(signal.SIGCONT)
+    # Awake again, with timers overdue and a lease that no longer exists.
+    paused.wait_event("etcd_joined", count=2, timeout=10)
+    time.sleep(LEASE_TTL)
+    stale = [r for r in fleet.records().values() if r["lease"] == old_lease]
+    assert stale == []
+    assert reuse_detections(fresh_idp) == []
+    assert not [e for e in fresh_idp.log() if e["error"] == "invalid_grant"]
