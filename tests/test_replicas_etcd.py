@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 
@@ -213,7 +214,7 @@ def test_kills_of_replicas_and_the_etcd_leader_cost_no_token(
         what="every replica serving every account",
     )
     with Reader(fleet, names) as reader:
-        deadline = time.monotonic() + 24
+        deadline = time.monotonic() + 16
         kills = 0
         leader_kills = 0
         while time.monotonic() < deadline:
@@ -242,7 +243,7 @@ def test_kills_of_replicas_and_the_etcd_leader_cost_no_token(
             timeout=20,
             what="every live replica serving every account",
         )
-    assert kills >= 3
+    assert kills >= 2
     assert reuse_detections(fresh_idp) == []
     assert not [e for e in fresh_idp.log() if e["error"] == "invalid_grant"]
     assert reader.expired == []
@@ -304,3 +305,53 @@ def test_a_paused_replica_past_its_lease_commits_nothing(fleet: Fleet, fresh_idp
     assert stale == []
     assert reuse_detections(fresh_idp) == []
     assert not [e for e in fresh_idp.log() if e["error"] == "invalid_grant"]
+
+
+def test_without_quorum_tokens_stay_served_refreshes_pause_and_resume(
+    fleet: Fleet, fresh_idp: IdP, etcd: EtcdCluster
+) -> None:
+    from tests.etcd_cluster import _free_ports
+
+    names = seed_accounts(fleet, fresh_idp, 2)
+    (port,) = _free_ports(1)
+    fleet.config["serve"]["metrics_listen"] = f"127.0.0.1:{port}"
+    (replica,) = fleet.start(1)
+    wait_until(
+        lambda: all(token_file_valid(replica, n, time.time()) for n in names),
+        timeout=30,
+        what="the replica serving every account",
+    )
+
+    def readyz() -> dict[str, Any]:
+        answer = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
+        body: dict[str, Any] = answer.json()
+        body["status"] = answer.status_code
+        return body
+
+    down = etcd.members[:2]
+    for member in down:
+        etcd.kill(member)
+    try:
+        degraded = wait_until(
+            lambda: (r := readyz())["status"] == 503 and r, timeout=10, what="/readyz 503"
+        )
+        assert degraded["store"]["degraded"] is True
+        assert "etcd" in degraded["store"]["error"]
+        sent = len(fresh_idp.log())
+        # Tokens already held stay served while they are valid; nothing is refreshed
+        # that could not be committed.
+        assert all(token_file_valid(replica, n, time.time()) for n in names)
+        time.sleep(TOKEN_TTL / 2)
+        assert len(fresh_idp.log()) == sent
+    finally:
+        for member in down:
+            etcd.start(member, wait=False)
+    etcd.wait_healthy()
+    back = time.time()
+    wait_until(lambda: readyz()["status"] == 200, timeout=10, what="/readyz 200 again")
+    wait_until(
+        lambda: all(float(rec["at"]["iat"]) > back for rec in fleet.records().values()),
+        timeout=TOKEN_TTL + 5,
+        what="refreshes resumed",
+    )
+    assert reuse_detections(fresh_idp) == []
