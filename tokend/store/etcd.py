@@ -78,6 +78,7 @@ _log = get_logger()
 # Owner keys acquired per txn (etcd allows 128 operations per txn branch by default).
 _ACQUIRE_BATCH: Final = 64
 _ENVELOPE_VERSION: Final = 1
+_SWEEP_INTERVAL: Final = 3.0
 
 
 class StoreFenced(StoreConflict):
@@ -294,6 +295,12 @@ class EtcdStore:
                 f"etcd store: write of {account!r} refused: ownership moved to "
                 f"{_owner_name(owner)} (this replica's lease expired or it was rebalanced)"
             )
+        if first and current:
+            stored = self._decode(current[0])
+            if stored is not None and stored.seed_fingerprint == record.seed_fingerprint:
+                # Replicas starting together all create the record from the same seed:
+                # the one stored is that chain (maybe rotated since), so it is the answer.
+                return stored
         found = f"stored version is {current[0].mod_revision}" if current else "no stored record"
         raise StoreConflict(
             f"put of {account!r} lost a compare-and-swap: the write replaces version "
@@ -536,7 +543,9 @@ class EtcdStore:
 
     async def _rebalance_loop(self) -> None:
         while True:
-            with anyio.move_on_after(1.0):
+            # Events (members, owner keys) ask for a rebalance at once; the sweep every
+            # few seconds catches an account that appeared without one.
+            with anyio.move_on_after(_SWEEP_INTERVAL):
                 await self._rebalance_wanted.wait()
             self._rebalance_wanted = anyio.Event()
             if not self._lease_usable():
@@ -604,16 +613,22 @@ class EtcdStore:
         return got
 
     async def _release_keys(self, accounts: Sequence[str]) -> None:
+        """Delete the owner keys of ``accounts`` (still held, not refreshing), a batch
+        per txn; a batch whose compare fails (a key lost meanwhile) goes one by one."""
         st = self._state
-        for account in accounts:
-            held = st.held.get(account)
-            if held is None or account in st.busy:
-                continue
-            key = self._owner_key(account)
-            await self.client.txn([compare_create(key, held)], [op_delete(key)])
-            self._lose(account, held)
-            if st.owners.get(account, ("", 0))[1] == held:
-                del st.owners[account]
+        todo = [(a, st.held[a]) for a in accounts if a in st.held and a not in st.busy]
+        for start in range(0, len(todo), _ACQUIRE_BATCH):
+            batch = todo[start : start + _ACQUIRE_BATCH]
+            keys = [self._owner_key(a) for a, _ in batch]
+            compare = [compare_create(k, held) for k, (_, held) in zip(keys, batch, strict=True)]
+            result = await self.client.txn(compare, [op_delete(k) for k in keys])
+            if not result.succeeded and len(batch) > 1:
+                for key, one in zip(keys, batch, strict=True):
+                    await self.client.txn([compare_create(key, one[1])], [op_delete(key)])
+            for account, held in batch:
+                self._lose(account, held)
+                if st.owners.get(account, ("", 0))[1] == held:
+                    del st.owners[account]
 
     # -- encoding --------------------------------------------------------------------
 
