@@ -151,6 +151,37 @@ async def test_accounts_spread_over_replicas_and_move_when_one_leaves(
 
 
 @pytest.mark.anyio
+async def test_a_granted_claim_is_never_fenced_by_a_rebalance(
+    settings: Callable[..., EtcdSettings],
+) -> None:
+    names = [f"acct-{i}" for i in range(64)]
+    fenced: list[str] = []
+    async with running(settings("a")) as a:
+        records = {n: await a.put(record(n)) for n in names}
+        await wait_for(lambda: a.held_count == len(names))
+        stop = anyio.Event()
+
+        async def refresh_all_the_time() -> None:
+            while not stop.is_set():
+                for name in names:
+                    if not await a.claim(name, "a", 10):
+                        continue
+                    try:
+                        records[name] = await a.put(records[name].evolve(updated_at=2.0))
+                    except StoreFenced:
+                        fenced.append(name)
+                    finally:
+                        await a.release(name, "a")
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(refresh_all_the_time)
+            async with running(settings("b")) as b:
+                await wait_for(lambda: b.held_count > 0 and a.held_count + b.held_count == 64)
+            stop.set()
+    assert fenced == []
+
+
+@pytest.mark.anyio
 async def test_dead_owner_is_taken_over_within_lease_ttl(
     settings: Callable[..., EtcdSettings],
 ) -> None:

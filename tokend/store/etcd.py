@@ -133,6 +133,8 @@ class _Ownership:
     held: dict[str, int] = field(default_factory=dict)
     # accounts with a refresh running here (claimed, not released)
     busy: set[str] = field(default_factory=set)
+    # held accounts whose owner keys are being given up (no claim for them)
+    releasing: set[str] = field(default_factory=set)
     # every account known to exist (records in etcd, or asked about)
     accounts: set[str] = field(default_factory=set)
 
@@ -321,7 +323,7 @@ class EtcdStore:
         replica's by rendezvous and free) and its lease has time left."""
         st = self._state
         st.accounts.add(account)
-        if not self._lease_usable():
+        if not self._lease_usable() or account in st.releasing:
             return False
         if account not in st.held:
             if rendezvous_owner(account, st.members) != self.replica_id:
@@ -617,18 +619,29 @@ class EtcdStore:
         per txn; a batch whose compare fails (a key lost meanwhile) goes one by one."""
         st = self._state
         todo = [(a, st.held[a]) for a in accounts if a in st.held and a not in st.busy]
-        for start in range(0, len(todo), _ACQUIRE_BATCH):
-            batch = todo[start : start + _ACQUIRE_BATCH]
-            keys = [self._owner_key(a) for a, _ in batch]
-            compare = [compare_create(k, held) for k, (_, held) in zip(keys, batch, strict=True)]
-            result = await self.client.txn(compare, [op_delete(k) for k in keys])
-            if not result.succeeded and len(batch) > 1:
-                for key, one in zip(keys, batch, strict=True):
-                    await self.client.txn([compare_create(key, one[1])], [op_delete(key)])
-            for account, held in batch:
-                self._lose(account, held)
-                if st.owners.get(account, ("", 0))[1] == held:
-                    del st.owners[account]
+        # From here on no claim is granted for them: a refresh started now would find
+        # its owner key deleted under it at commit time.
+        st.releasing.update(a for a, _ in todo)
+        try:
+            for start in range(0, len(todo), _ACQUIRE_BATCH):
+                batch = todo[start : start + _ACQUIRE_BATCH]
+                keys = [self._owner_key(a) for a, _ in batch]
+                compare = [
+                    compare_create(k, held) for k, (_, held) in zip(keys, batch, strict=True)
+                ]
+                result = await self.client.txn(compare, [op_delete(k) for k in keys])
+                if not result.succeeded and len(batch) > 1:
+                    for key, one in zip(keys, batch, strict=True):
+                        await self.client.txn([compare_create(key, one[1])], [op_delete(key)])
+                for account, held in batch:
+                    self._lose(account, held)
+                    st.releasing.discard(account)
+                    if st.owners.get(account, ("", 0))[1] == held:
+                        del st.owners[account]
+        finally:
+            # A batch that failed (etcd unreachable) keeps its keys: claims resume, and
+            # the next rebalance tries again.
+            st.releasing.difference_update(a for a, _ in todo)
 
     # -- encoding --------------------------------------------------------------------
 
