@@ -15,8 +15,9 @@ import traceback
 
 from bench._common import Options, Row, machine_facts
 
-# Cheapest first, then the 100,000-account run; the crash chaos (kill -9 loops) last.
-BENCHMARKS = ("cli", "socket", "refresh", "vault", "small", "hang", "scale", "chaos")
+# Cheapest first, then the 100,000-account run; the crash chaos (kill -9 loops) and the
+# replicas on etcd last.
+BENCHMARKS = ("cli", "socket", "refresh", "vault", "small", "hang", "scale", "chaos", "replicas")
 MODULES = {
     "cli": "bench.cli",
     "socket": "bench.socket_latency",
@@ -26,6 +27,7 @@ MODULES = {
     "hang": "bench.hang",
     "scale": "bench.scale",
     "chaos": "bench.chaos",
+    "replicas": "bench.replicas",
 }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import itertools
 import os
+import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -232,6 +233,30 @@ async def test_replica_whose_lease_expired_while_paused_commits_nothing(
             await p.put(newer.evolve(refresh_token="rt-p"))
         assert await s.load("alice") == newer
     await p.client.close()
+
+
+@pytest.mark.anyio
+async def test_a_watch_on_a_hung_member_is_moved_to_another(
+    settings: Callable[..., EtcdSettings], etcd: EtcdCluster
+) -> None:
+    from tokend.store import RecordWritten
+
+    async with running(settings("follower", watchdog_interval=1.0)) as follower:
+        changes = follower.changes()
+        hung = next(m for m in etcd.members if m.client_url == follower.client.watch_endpoint)
+        others = [m.client_url for m in etcd.members if m is not hung]
+        assert hung.proc is not None
+        hung.proc.send_signal(signal.SIGSTOP)
+        try:
+            async with running(settings("writer", endpoints=others)) as writer:
+                await writer.put(record("alice", "rt-new"))
+                with anyio.fail_after(15):
+                    async for change in changes:
+                        if isinstance(change, RecordWritten):
+                            assert change.record.refresh_token == "rt-new"
+                            break
+        finally:
+            hung.proc.send_signal(signal.SIGCONT)
 
 
 @pytest.mark.anyio

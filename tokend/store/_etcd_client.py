@@ -208,6 +208,7 @@ class EtcdClient:
         self._current = 0
         self._http: httpx.AsyncClient | None = None
         self._watch_http: httpx.AsyncClient | None = None
+        self.watch_endpoint: str | None = None
         # Counters for metrics and benchmarks: requests sent, bytes sent and received.
         self.requests = 0
         self.writes = 0
@@ -358,6 +359,7 @@ class EtcdClient:
             create["range_end"] = b64(range_end)
         endpoint = self.endpoints[self._current % len(self.endpoints)]
         self._current += 1
+        self.watch_endpoint = endpoint
         headers = await self._auth_headers()
         payload = json.dumps({"create_request": create}).encode()
         self.requests += 1
@@ -404,6 +406,11 @@ class EtcdClient:
         except httpx.HTTPError as exc:
             raise EtcdUnavailable(f"etcd watch on {endpoint} broke: {_reason(exc)}") from None
         raise EtcdUnavailable(f"etcd watch on {endpoint} ended")
+
+    def avoid(self, endpoint: str | None) -> None:
+        """Move the next call (or watch) off ``endpoint`` (it misbehaved)."""
+        if endpoint is not None and self.endpoints[self._current % len(self.endpoints)] == endpoint:
+            self._current += 1
 
     # -- plumbing --------------------------------------------------------------------
 

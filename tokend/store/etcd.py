@@ -101,6 +101,8 @@ class EtcdSettings:
     username: str | None = None
     password_file: Path | None = None
     replica_id: str | None = None
+    # How often the watch is checked for having gone quiet while keys changed.
+    watchdog_interval: float = 4.0
 
 
 def rendezvous_owner(account: str, members: Iterable[str]) -> str | None:
@@ -159,6 +161,7 @@ class EtcdStore:
         # last successful keep-alive plus the TTL it reported.
         self._lease_until = 0.0
         self._watch_revision = 0
+        self._watch_scope: anyio.CancelScope | None = None
         self._problem: str | None = "etcd store is not open"
         self._rebalance_wanted = anyio.Event()
         self._closing = False
@@ -241,6 +244,7 @@ class EtcdStore:
         async with anyio.create_task_group() as group:
             group.start_soon(self._keepalive_loop)
             group.start_soon(self._watch_loop)
+            group.start_soon(self._watchdog)
             group.start_soon(self._rebalance_loop)
             task_status.started()
 
@@ -473,19 +477,51 @@ class EtcdStore:
         pause = 0.05
         while True:
             try:
-                async for _revision, events in client.watch(
-                    self._prefix, prefix_end(self._prefix), self._watch_revision + 1
-                ):
-                    pause = 0.05
-                    for event in events:
-                        await self._apply(event)
-                        self._watch_revision = max(self._watch_revision, event.kv.mod_revision)
+                with anyio.CancelScope() as scope:
+                    # The watchdog cancels a watch that has gone quiet while keys
+                    # changed (a member cut off from the quorum, or hung).
+                    self._watch_scope = scope
+                    async for _revision, events in client.watch(
+                        self._prefix, prefix_end(self._prefix), self._watch_revision + 1
+                    ):
+                        pause = 0.05
+                        for event in events:
+                            await self._apply(event)
+                            self._watch_revision = max(self._watch_revision, event.kv.mod_revision)
+                if scope.cancelled_caught:
+                    _log.warning("etcd_watch_restarted", endpoint=client.watch_endpoint)
+                    client.avoid(client.watch_endpoint)
             except WatchCompacted:
                 # Missed events are gone: read the state again, and every record.
                 await self._resync()
             except EtcdError:
                 await anyio.sleep(pause)
                 pause = min(pause * 2, 1.0)
+
+    async def _watchdog(self) -> None:
+        client = self.client
+        interval = self.settings.watchdog_interval
+        while True:
+            await anyio.sleep(interval)
+            seen = self._watch_revision
+            try:
+                changed = await client.range(
+                    self._prefix,
+                    prefix_end(self._prefix),
+                    count_only=True,
+                    min_mod_revision=seen + 1,
+                    budget=interval / 2,
+                )
+            except EtcdError:
+                continue  # the keep-alive reports an unreachable cluster
+            if changed.count == 0:
+                continue
+            # Keys changed after the last event seen: give those events a moment to
+            # arrive, then restart a watch that delivered nothing at all.
+            await anyio.sleep(interval / 2)
+            scope = self._watch_scope
+            if self._watch_revision == seen and scope is not None:
+                scope.cancel()
 
     async def _resync(self) -> None:
         try:
@@ -533,7 +569,10 @@ class EtcdStore:
                 if member == self.replica_id:
                     return  # the keep-alive finds out and rejoins
                 st.members.discard(member)
+                _log.info("etcd_member_left", member=member, members=len(st.members))
             else:
+                if member not in st.members:
+                    _log.info("etcd_member_joined", member=member, members=len(st.members) + 1)
                 st.members.add(member)
             self._rebalance_wanted.set()
 
@@ -572,10 +611,12 @@ class EtcdStore:
                 give.append(account)
         if give:
             await self._release_keys(give)
+            _log.info("etcd_accounts_released", count=len(give), held=len(st.held))
         if want:
             got = await self._acquire(sorted(want))
             if got:
                 self.takeovers += len(got)
+                _log.info("etcd_accounts_acquired", count=len(got), held=len(st.held))
                 await self._tell(AccountsAcquired(tuple(got)))
 
     async def _acquire(self, accounts: Sequence[str]) -> list[str]:

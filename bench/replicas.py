@@ -1,0 +1,275 @@
+"""3 replicas sharing 10,000 accounts through a 3-member etcd cluster.
+
+The cluster is Debian's etcd (3 members on loopback, as in the tests); the IdP is the
+test IdP with rotation on and 120 s access tokens. Every account starts with a real
+seed and a stored record whose (fake) access token was issued at a random moment of
+the last 120 s, as in a fleet that has been running for a while: refreshes then come
+at the steady rate (about accounts / 90 s), not in one burst.
+
+* etcd requests per refresh: the members' own counters (``grpc_server_handled_total``
+  by method, summed over the 3 members) over a window, divided by the refreshes the
+  IdP answered in it. Txn is every write tokend makes (in-flight mark, commit,
+  owner keys); LeaseKeepAlive is per replica, not per refresh, and shown apart.
+* etcd bytes per refresh: the members' client gRPC bytes in and out (requests,
+  answers and the watch events sent to the other replicas) over the same window.
+* Takeover: one replica is killed with SIGKILL; the time until every one of its
+  accounts has an owner key of another replica (lease TTL 5 s: etcd deletes the dead
+  lease's keys after it, then the survivors acquire them).
+* RSS per replica: VmRSS of each replica in the steady state.
+* Reuse: refresh tokens the IdP saw more than once over the whole run (0 expected).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import random
+import re
+import signal
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+
+from bench._common import (
+    Options,
+    Row,
+    Tokend,
+    log,
+    provider_section,
+    rss_mb,
+    start_idp,
+    wait_for,
+    workdir,
+    write_config,
+)
+
+LEASE_TTL = 5.0
+TOKEN_TTL = 120
+PREFIX = "/bench/"
+
+
+def etcd_counters(endpoints: list[str]) -> Counter[str]:
+    """Handled gRPC calls by method, and client bytes, summed over the members."""
+    totals: Counter[str] = Counter()
+    pattern = re.compile(
+        r'^grpc_server_handled_total\{[^}]*grpc_method="(\w+)"[^}]*\} (\S+)$', re.M
+    )
+    for endpoint in endpoints:
+        text = httpx.get(f"{endpoint}/metrics", timeout=5).text
+        for method, value in pattern.findall(text):
+            totals[method] += int(float(value))
+        for name in (
+            "etcd_network_client_grpc_received_bytes_total",
+            "etcd_network_client_grpc_sent_bytes_total",
+        ):
+            match = re.search(rf"^{name} (\S+)$", text, re.M)
+            if match:
+                totals["bytes"] += int(float(match.group(1)))
+    return totals
+
+
+def owners(cluster: Any) -> Counter[str]:
+    found = cluster.get_prefix(PREFIX + "owners/")
+    return Counter(kv["value"].decode() for kv in found.values())
+
+
+def populate(endpoints: list[str], key_file: Path, seeds: dict[str, str]) -> None:
+    """A stored record per account, with a token issued in the last TOKEN_TTL s."""
+    from tokend.model import StoredAccount, TokenSet, fingerprint
+    from tokend.store.etcd import EtcdSettings, EtcdStore
+
+    rng = random.Random(7)
+
+    async def fill() -> None:
+        store = EtcdStore(
+            EtcdSettings(endpoints=endpoints, encryption_key_file=key_file, prefix=PREFIX)
+        )
+        await store.open()
+        now = time.time()
+        items = iter(seeds.items())
+
+        async def worker() -> None:
+            for name, seed in items:
+                issued = now - rng.uniform(0, TOKEN_TTL * 0.7)
+                await store.put(
+                    StoredAccount(
+                        account=name,
+                        seed_fingerprint=fingerprint(seed),
+                        refresh_token=seed,
+                        token=TokenSet(
+                            f"at-{name}", "Bearer", issued + TOKEN_TTL, issued, "read"
+                        ),
+                        updated_at=now,
+                    )
+                )
+
+        try:
+            async with anyio.create_task_group() as group:
+                for _ in range(32):
+                    group.start_soon(worker)
+        finally:
+            await store.close()
+
+    anyio.run(fill)
+
+
+def replica_id(tokend: Tokend) -> str:
+    for line in tokend.log_path.read_text(errors="replace").splitlines():
+        if '"etcd_joined"' in line:
+            match = re.search(r'"replica": ?"([^"]+)"', line)
+            if match:
+                return match.group(1)
+    raise RuntimeError("replica did not log etcd_joined")
+
+
+def run(options: Options) -> list[Row]:
+    import sys
+
+    sys.path.insert(0, os.fspath(Path(__file__).resolve().parent.parent))
+    from tests.etcd_cluster import EtcdCluster
+
+    n = 2_000 if options.quick else 10_000
+    window = 30.0 if options.quick else 60.0
+    with workdir("replicas") as directory:
+        cluster = EtcdCluster(directory / "etcd")
+        cluster.start_all()
+        idp = start_idp(directory / "idp", access_token_ttl=TOKEN_TTL)
+        replicas: list[Tokend] = []
+        try:
+            t0 = time.monotonic()
+            names = [f"a{i:05d}" for i in range(n)]
+            with ThreadPoolExecutor(8) as pool:
+                tokens = list(pool.map(lambda _: idp.seed("bench-a"), names))
+            seeds = dict(zip(names, tokens, strict=True))
+            log(f"{n} seeds in {time.monotonic() - t0:.0f} s")
+            key_file = directory / "state.key"
+            key_file.write_text(base64.b64encode(os.urandom(32)).decode())
+            t0 = time.monotonic()
+            populate(cluster.endpoints, key_file, seeds)
+            log(f"{n} records stored in {time.monotonic() - t0:.0f} s")
+            for i in range(3):
+                rdir = directory / f"r{i}"
+                rdir.mkdir()
+                config = {
+                    "state": {
+                        "backend": "etcd",
+                        "endpoints": cluster.endpoints,
+                        "prefix": PREFIX,
+                        "encryption_key_file": os.fspath(key_file),
+                        "lease_ttl": f"{LEASE_TTL:g}s",
+                    },
+                    "serve": {
+                        "socket": os.fspath(rdir / "t.sock"),
+                        "token_dir": None,
+                        "metrics_listen": None,
+                    },
+                    "log": {"level": "info"},
+                    "refresh": {"min_margin": "10s"},
+                    "providers": {
+                        "idp": provider_section(
+                            idp,
+                            "bench-a",
+                            max_concurrency=16,
+                            rate_limit={"rate": 1000, "burst": 1000},
+                            timeout="10s",
+                        )
+                    },
+                    "accounts": {
+                        name: {"provider": "idp", "refresh_token": seed}
+                        for name, seed in seeds.items()
+                    },
+                }
+                replicas.append(Tokend(write_config(rdir, config), rdir / "t.sock").start())
+            for replica in replicas:
+                replica.wait_ready(timeout=180)
+            ids = [replica_id(r) for r in replicas]
+            log("replicas ready; waiting for the ownership to settle")
+            wait_for(
+                lambda: sum(owners(cluster)[i] for i in ids) == n
+                and min(owners(cluster)[i] for i in ids) > n // 5,
+                timeout=120,
+                interval=0.5,
+                what="owner keys spread",
+            )
+            spread = owners(cluster)
+            time.sleep(5)
+            before, stats0 = etcd_counters(cluster.endpoints), idp.stats()["requests"]
+            time.sleep(window)
+            after, stats1 = etcd_counters(cluster.endpoints), idp.stats()["requests"]
+            refreshes = stats1 - stats0
+            delta = after - before
+            rss = [rss_mb(r.pid) for r in replicas]
+            log(f"window {window:.0f} s: {refreshes} refreshes, etcd {dict(delta)}")
+
+            victim = replicas[-1]
+            victim_id = ids[-1]
+            victim_accounts = spread[victim_id]
+            assert victim.proc is not None
+            victim.proc.send_signal(signal.SIGKILL)
+            victim.proc.wait(10)
+            killed = time.monotonic()
+            wait_for(
+                lambda: owners(cluster)[victim_id] == 0
+                and sum(owners(cluster)[i] for i in ids[:-1]) == n,
+                timeout=60,
+                interval=0.05,
+                what="takeover",
+            )
+            takeover = time.monotonic() - killed
+
+            counts = Counter(
+                e["refresh_token_sha256"]
+                for e in idp.log()
+                if e["grant_type"] == "refresh_token" and e["refresh_token_sha256"]
+            )
+            reused = sum(1 for c in counts.values() if c > 1)
+            errors = sum(1 for e in idp.log() if e.get("error") == "invalid_grant")
+        finally:
+            for replica in replicas:
+                replica.stop()
+            idp.stop()
+            cluster.stop_all()
+
+    per = max(1, refreshes)
+    txn, rng_ = delta["Txn"] / per, delta["Range"] / per
+    keepalive = delta["LeaseKeepAlive"] / window
+    label = f"3 replicas x {n:,} accounts"
+    return [
+        Row(
+            f"etcd writes (Txn) per refresh, {label}",
+            f"{txn:.2f}",
+            f"{refreshes} refreshes in {window:.0f} s",
+            goal="<= 3",
+            met=txn <= 3,
+            notes=[f"keep-alives {keepalive:.1f}/s for the fleet, apart from refreshes"],
+        ),
+        Row(f"etcd reads (Range) per refresh, {label}", f"{rng_:.2f}"),
+        Row(
+            f"etcd client bytes per refresh (in + out, 3 members), {label}",
+            f"{delta['bytes'] / per:,.0f} B",
+        ),
+        Row(
+            f"takeover after SIGKILL of a replica ({victim_accounts:,} accounts)",
+            f"{takeover:.2f} s",
+            f"lease TTL {LEASE_TTL:g} s",
+            f"{takeover / LEASE_TTL:.2f}x",
+            goal=f"<= TTL + 1 s ({LEASE_TTL + 1:g} s)",
+            met=takeover <= LEASE_TTL + 1,
+        ),
+        Row(
+            f"RSS per replica, {label}",
+            f"{max(rss):.0f} MB (max of {', '.join(f'{r:.0f}' for r in rss)})",
+        ),
+        Row(
+            "refresh tokens presented twice at the IdP (whole run)",
+            str(reused),
+            f"invalid_grant answers: {errors}",
+            goal="0",
+            met=reused == 0,
+        ),
+    ]
