@@ -145,7 +145,7 @@ async def test_accounts_spread_over_replicas_and_move_when_one_leaves(
 
             # Whoever joined first took some of the others' accounts meanwhile: they
             # move to their rendezvous owners (and each account has one owner only).
-            await wait_for(settled)
+            await wait_for(settled, within=20)
             assert all(s.held_count > 0 for s in stores)
         # b and c closed (leases revoked): a owns everything again, at once.
         await wait_for(lambda: a.held_count == len(names), within=3)

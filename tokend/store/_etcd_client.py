@@ -48,6 +48,9 @@ __all__ = [
     "prefix_end",
 ]
 
+# Per-request deadline of a bulk read (a page of records): its transfer, not a leader
+# election, is what takes time.
+BULK_REQUEST_TIMEOUT: Final = 3.0
 # HTTP statuses the gateway maps retryable gRPC codes to: Unavailable, DeadlineExceeded,
 # Unknown (a leader change mid-request), ResourceExhausted (too many requests).
 _RETRY_STATUS: Final = frozenset({500, 502, 503, 504, 429})
@@ -256,7 +259,11 @@ class EtcdClient:
         count_only: bool = False,
         min_mod_revision: int = 0,
         budget: float | None = None,
+        bulk: bool = False,
     ) -> RangeResult:
+        """Keys from ``key`` (to ``range_end``). ``bulk``: a large answer (a page of
+        records, every key of a prefix), whose transfer alone may outlast the short
+        per-request deadline on a loaded host; it gets :data:`BULK_REQUEST_TIMEOUT`."""
         body: dict[str, Any] = {"key": b64(key)}
         if range_end is not None:
             body["range_end"] = b64(range_end)
@@ -270,7 +277,12 @@ class EtcdClient:
             body["count_only"] = True
         if min_mod_revision:
             body["min_mod_revision"] = str(min_mod_revision)
-        answer = await self.call("/v3/kv/range", body, budget=budget)
+        answer = await self.call(
+            "/v3/kv/range",
+            body,
+            budget=budget if budget is not None else (self.call_timeout * 2 if bulk else None),
+            attempt=max(self.request_timeout, BULK_REQUEST_TIMEOUT) if bulk else None,
+        )
         return RangeResult(
             kvs=[KeyValue.parse(kv) for kv in answer.get("kvs", ())],
             revision=_int(answer.get("header", {}).get("revision")),
@@ -279,16 +291,16 @@ class EtcdClient:
         )
 
     async def range_all(
-        self, prefix: bytes, *, page: int = 1000, budget: float | None = None
+        self, prefix: bytes, *, page: int = 500, budget: float | None = None
     ) -> tuple[list[KeyValue], int]:
         """Every key under ``prefix``, read page by page at one revision."""
         end = prefix_end(prefix)
-        first = await self.range(prefix, end, limit=page, budget=budget)
+        first = await self.range(prefix, end, limit=page, budget=budget, bulk=True)
         kvs, revision = list(first.kvs), first.revision
         more = first.more
         while more and kvs:
             nxt = await self.range(
-                kvs[-1].key + b"\0", end, limit=page, revision=revision, budget=budget
+                kvs[-1].key + b"\0", end, limit=page, revision=revision, budget=budget, bulk=True
             )
             kvs.extend(nxt.kvs)
             more = nxt.more
@@ -421,6 +433,7 @@ class EtcdClient:
         *,
         budget: float | None = None,
         write: bool = False,
+        attempt: float | None = None,
     ) -> dict[str, Any]:
         """POST ``body`` to ``path`` on the current endpoint; on a failure that another
         member might not have, the next one, for up to ``budget`` seconds (default: the
@@ -447,7 +460,7 @@ class EtcdClient:
                 if write:
                     self.writes += 1
                 self.bytes_sent += len(payload)
-                with anyio.fail_after(min(self.request_timeout, left)):
+                with anyio.fail_after(min(attempt or self.request_timeout, left)):
                     response = await http.post(
                         f"{endpoint}{path}",
                         content=payload,

@@ -460,13 +460,14 @@ class EtcdStore:
             prefix_end(self._accounts_prefix),
             keys_only=True,
             revision=revision,
+            bulk=True,
         )
         st.accounts.update(_suffix(kv.key, self._accounts_prefix) for kv in keys.kvs)
         self._watch_revision = revision
         self._rebalance_wanted.set()
 
     async def _range_at(self, prefix: bytes, revision: int) -> tuple[list[KeyValue], int]:
-        result = await self.client.range(prefix, prefix_end(prefix), revision=revision)
+        result = await self.client.range(prefix, prefix_end(prefix), revision=revision, bulk=True)
         kvs = list(result.kvs)
         if result.more:  # pragma: no cover - owner values are tiny; pages are rare
             kvs, _ = await self.client.range_all(prefix)
