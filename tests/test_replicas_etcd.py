@@ -275,6 +275,20 @@ def test_a_paused_replica_past_its_lease_commits_nothing(fleet: Fleet, fresh_idp
     assert reuse_detections(fresh_idp) == []
     assert not [e for e in fresh_idp.log() if e["error"] == "invalid_grant"]
 
+    # SIGTERM: the replica revokes its lease on the way out, so the other one owns
+    # every account at once rather than after the lease would have expired.
+    other_id = fleet.replica_id(other)
+
+    def owners() -> list[str]:
+        found = fleet.etcd.get_prefix(fleet.prefix + "owners/")
+        return [kv["value"].decode() for kv in found.values()]
+
+    wait_until(lambda: len(owners()) == len(names), timeout=10, what="every account owned")
+    assert paused.stop() == 0
+    exited = time.monotonic()
+    wait_until(lambda: owners() == [other_id] * len(names), timeout=LEASE_TTL, what="handover")
+    assert time.monotonic() - exited < LEASE_TTL
+
 
 def test_without_quorum_tokens_stay_served_refreshes_pause_and_resume(
     fleet: Fleet, fresh_idp: IdP, etcd: EtcdCluster
