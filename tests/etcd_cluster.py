@@ -67,8 +67,12 @@ class Member:
 class EtcdCluster:
     """Three etcd members; ``kill``/``start`` one, find the leader, read keys."""
 
-    def __init__(self, root: Path, size: int = 3) -> None:
+    def __init__(
+        self, root: Path, size: int = 3, *, heartbeat_ms: int = 50, election_ms: int = 500
+    ) -> None:
         self.root = Path(root)
+        self.heartbeat_ms = heartbeat_ms
+        self.election_ms = election_ms
         ports = _free_ports(2 * size)
         self.members = [
             Member(f"m{i}", self.root / f"m{i}.data", ports[2 * i], ports[2 * i + 1])
@@ -110,8 +114,8 @@ class EtcdCluster:
             "--initial-cluster-state", "new",
             "--initial-cluster-token", f"tokend-test-{id(self)}",
             # Loopback: short heartbeats make elections (and the tests) quick.
-            "--heartbeat-interval", "50",
-            "--election-timeout", "500",
+            "--heartbeat-interval", str(self.heartbeat_ms),
+            "--election-timeout", str(self.election_ms),
             "--snapshot-count", "10000",
             "--log-level", "warn",
             "--logger", "zap",
@@ -188,7 +192,9 @@ class EtcdCluster:
 
     # -- direct key access for assertions -------------------------------------------
 
-    def _post(self, path: str, body: dict[str, Any], timeout: float = 2.0) -> dict[str, Any]:
+    def _post(
+        self, path: str, body: dict[str, Any], timeout: float = 2.0, attempt: float = 0.5
+    ) -> dict[str, Any]:
         last: Exception | None = None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -196,7 +202,7 @@ class EtcdCluster:
                 if not member.running:
                     continue
                 try:
-                    r = httpx.post(f"{member.client_url}{path}", json=body, timeout=0.5)
+                    r = httpx.post(f"{member.client_url}{path}", json=body, timeout=attempt)
                     r.raise_for_status()
                     result: dict[str, Any] = r.json()
                     return result
@@ -212,7 +218,12 @@ class EtcdCluster:
         """Every key under ``prefix`` -> its kv (value decoded to bytes)."""
         end = bytearray(prefix.encode())
         end[-1] += 1
-        body = self._post("/v3/kv/range", {"key": b64(prefix), "range_end": b64(bytes(end))})
+        body = self._post(
+            "/v3/kv/range",
+            {"key": b64(prefix), "range_end": b64(bytes(end))},
+            timeout=20.0,
+            attempt=5.0,
+        )
         out = {}
         for kv in body.get("kvs", []):
             kv = dict(kv)

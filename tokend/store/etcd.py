@@ -163,6 +163,7 @@ class EtcdStore:
         self._watch_revision = 0
         self._watch_scope: anyio.CancelScope | None = None
         self._problem: str | None = "etcd store is not open"
+        self._keepalive_error: str | None = None
         self._rebalance_wanted = anyio.Event()
         self._closing = False
         # Records other replicas wrote, accounts taken over: to whoever follows
@@ -375,10 +376,15 @@ class EtcdStore:
         return len(self._state.held)
 
     async def verify(self) -> str | None:
-        """None while the lease is alive; else why this replica cannot refresh."""
-        if self._problem is None and not self._lease_usable():
-            return "etcd lease not confirmed recently (cluster unreachable or without quorum)"
-        return self._problem
+        """None while the lease is alive; else why this replica cannot refresh. One
+        slow keep-alive is no problem yet: the lease has time left for the retry."""
+        if self._problem is not None or self._lease_usable():
+            return self._problem
+        detail = f": {self._keepalive_error}" if self._keepalive_error else ""
+        return (
+            "etcd lease not confirmed recently (cluster unreachable or without quorum), "
+            f"refreshes paused{detail}"
+        )
 
     async def recreate(self) -> None:
         """Nothing to recreate: the cluster keeps the records."""
@@ -401,29 +407,28 @@ class EtcdStore:
 
     def _lease_usable(self) -> bool:
         # A refresh needs the lease to outlive it with margin: claim only while at
-        # least a third of the TTL is left (a keep-alive every third of it keeps it so).
+        # least a quarter of the TTL is left. Keep-alives go every quarter, so one
+        # that fails (and its retry) still leaves the lease usable.
         return bool(self._lease) and (
-            self._lease_until - anyio.current_time() > self._lease_ttl / 3
+            self._lease_until - anyio.current_time() > self._lease_ttl / 4
         )
 
     async def _keepalive_loop(self) -> None:
         client = self.client
-        interval = self._lease_ttl / 3
+        interval = self._lease_ttl / 4
         while True:
             sent = anyio.current_time()
             try:
-                ttl, _ = await client.lease_keepalive(
-                    self._lease, budget=max(0.5, self._lease_ttl / 3)
-                )
+                ttl, _ = await client.lease_keepalive(self._lease, budget=max(0.5, interval))
             except LeaseNotFound:
                 await self._rejoin("lease expired")
                 continue
             except EtcdError as exc:
-                self._problem = f"etcd unreachable, refreshes paused: {exc}"
+                self._keepalive_error = str(exc)
                 await anyio.sleep(min(0.25, interval))
                 continue
             self._lease_until = sent + ttl
-            self._problem = None
+            self._keepalive_error = None
             await anyio.sleep(max(0.05, interval - (anyio.current_time() - sent)))
 
     async def _rejoin(self, why: str) -> None:
