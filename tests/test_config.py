@@ -216,7 +216,7 @@ def test_merge_keys_and_anchors_work(tmp_path: Path) -> None:
     assert problems(path) == [
         f"{path}:13:5: accounts.bob.tiemout: unknown key 'tiemout' (expected one of: provider, "
         "grant, refresh_token, refresh_token_file, scope, refresh, required, allow, outputs, "
-        "on_change, write_back)"
+        "on_change, write_back, revoke_on_remove)"
     ]
 
 

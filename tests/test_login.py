@@ -105,9 +105,11 @@ def write_config(workdir: Path, config: dict[str, Any]) -> None:
     (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
 
-def stored_refresh_token(workdir: Path) -> str | None:
+def stored_refresh_token(workdir: Path, account: str = "alice") -> str | None:
     with sqlite3.connect(workdir / "state" / "tokend.db") as db:
-        row = db.execute("SELECT refresh_token FROM accounts WHERE account = 'alice'").fetchone()
+        row = db.execute(
+            "SELECT refresh_token FROM accounts WHERE account = ?", (account,)
+        ).fetchone()
     return row[0] if row else None
 
 
@@ -481,3 +483,39 @@ def test_login_hands_the_seed_to_the_running_daemon(
         assert tokend.stop() == 0
     finally:
         shutil.rmtree(short, ignore_errors=True)
+
+
+def test_removing_an_account_revokes_its_refresh_token_when_asked(
+    fresh_idp: IdP, tokend_factory: Any
+) -> None:
+    config = login_config(fresh_idp, refresh_token=fresh_idp.seed("login-client"))
+    config["providers"]["idp"]["revoke_on_remove"] = True
+    config["accounts"]["bob"] = {
+        "provider": "idp",
+        "refresh_token": fresh_idp.seed("login-client"),
+        "revoke_on_remove": False,
+    }
+    tokend = tokend_factory(config).start()
+    for name in ("alice", "bob"):
+        tokend.wait_event("refresh", account=name, outcome="success")
+    held = {name: stored_refresh_token(tokend.workdir, name) for name in ("alice", "bob")}
+
+    config["accounts"] = {}
+    tokend.write_config(config)
+    tokend.signal(signal.SIGHUP)
+    tokend.wait_event("reloaded")
+    assert tokend.events("account_revoked", account="alice")
+    assert not tokend.events("account_revoked", account="bob")
+    assert stored_refresh_token(tokend.workdir, "alice") is None
+
+    def refresh(token: str | None) -> int:
+        assert token
+        return httpx.post(
+            fresh_idp.token_endpoint,
+            data={"grant_type": "refresh_token", "refresh_token": token},
+            auth=("login-client", LOGIN_SECRET),
+        ).status_code
+
+    assert refresh(held["alice"]) == 400  # revoked at the IdP
+    assert refresh(held["bob"]) == 200  # its own setting keeps it
+    assert tokend.stop() == 0

@@ -60,6 +60,7 @@ from tokend.refresh import (
     put,
     unusable,
 )
+from tokend.revoke import RevokeError, revoke_refresh_token, revokes_on_remove
 from tokend.runtime import Account, ProviderRuntime
 from tokend.schedule import RefreshSchedule
 from tokend.seed import new_seed_record, write_seed_file
@@ -748,6 +749,30 @@ class Engine:
             if record.version > account.record.version:
                 await adopt_record(self, account, record)
 
+    async def _revoke_removed(self, account: Account, previous: Config) -> None:
+        """Revoke the refresh token of an account just removed from the config (its
+        ``revoke_on_remove``), and keep a record saying so: re-added with the same
+        seed, it waits for a new sign-in instead of presenting a revoked chain."""
+        token = account.record.refresh_token
+        if token is None:
+            return
+        pconf = previous.providers[account.provider]
+        try:
+            await revoke_refresh_token(account.provider, pconf, token)
+            record = account.record.evolve(
+                refresh_token=None,
+                token=None,
+                in_flight_since=None,
+                last_outcome=FailureKind.ACCOUNT_PERMANENT.value,
+                last_error="refresh token revoked when the account was removed from the config",
+                updated_at=self.clock.time(),
+            )
+            await put(self, record)
+        except (RevokeError, StoreError) as exc:
+            _log.error("revoke_failed", account=account.name, error=str(exc))
+            return
+        _log.info("account_revoked", account=account.name, provider=account.provider)
+
     async def replace_seed(self, name: str, seed: str) -> Account:
         """A new seed from a sign-in (``tokend login``): written to the account's seed
         file when it has one (first, so a crash in between leaves the file's token to
@@ -791,6 +816,7 @@ class Engine:
         account's files and notifications start with it.
         Returns the replaced clients, for the caller to close once idle."""
         now = self.clock.time()
+        previous = self.config
         if publishers is not None:
             self.publishers = publishers
         requeue: list[str] = []
@@ -833,6 +859,8 @@ class Engine:
                 for publisher in self.publishers:
                     await publisher.withdraw(name)
             _log.info("account_removed", account=name)
+            if revokes_on_remove(removed.config, previous.providers.get(removed.provider)):
+                await self._revoke_removed(removed, previous)
         for name, aconf in config.accounts.items():
             account = self.accounts.get(name)
             if account is None:

@@ -17,7 +17,14 @@ from typing import TextIO
 
 import anyio
 
-from tokend.config import AccountConfig, Config, ConfigError, load_config, resolve_config_path
+from tokend.config import (
+    AccountConfig,
+    Config,
+    ConfigError,
+    ProviderConfig,
+    load_config,
+    resolve_config_path,
+)
 from tokend.oauth import ProviderClient, ProviderSetupError, TokenFailure
 from tokend.oauth._http import RawResponse
 from tokend.oauth._parse import clean_error_code, decode_json_object
@@ -70,6 +77,25 @@ def daemon_answers(socket_path: Path) -> bool:
         except OSError:
             return False
     return True
+
+
+def revokes_on_remove(account: AccountConfig, provider: ProviderConfig | None) -> bool:
+    """Whether removing ``account`` from the config revokes its refresh token: its own
+    ``revoke_on_remove``, else its provider's."""
+    if account.revoke_on_remove is not None:
+        return account.revoke_on_remove
+    return provider is not None and provider.revoke_on_remove
+
+
+async def revoke_refresh_token(name: str, provider: ProviderConfig, token: str) -> None:
+    """Revoke ``token`` at provider ``name`` with a client of its own (the account's
+    provider may be gone from the config already); raises RevokeError."""
+    try:
+        client = ProviderClient(name, provider)
+    except ProviderSetupError as exc:
+        raise RevokeError(str(exc)) from None
+    async with client:
+        await revoke_token(client, token, "refresh_token")
 
 
 async def revoke_token(client: ProviderClient, token: str, hint: str) -> None:

@@ -279,6 +279,9 @@ class ProviderConfig(_Model):
     rate_limit: RateLimitConfig = RateLimitConfig()
     backoff: BackoffConfig = BackoffConfig()
     breaker: BreakerConfig = BreakerConfig()
+    # Revoke an account's refresh token at the IdP (RFC 7009) when the account is
+    # removed from the config; an account's own setting wins.
+    revoke_on_remove: bool = False
     # How long the IdP accepts a just-rotated refresh token again (Okta 30 s, Cognito
     # up to 60 s, Auth0 and oidc-provider 0): after a lost response, tokend retries the
     # same token once, at once, inside this window.
@@ -524,6 +527,8 @@ class AccountConfig(_Model):
     on_change: OnChangeConfig | None = None
     # Write rotated refresh tokens back to the vault:// seed (check-and-set); default on.
     write_back: bool | None = None
+    # Revoke the refresh token when the account is removed (default: the provider's).
+    revoke_on_remove: bool | None = None
 
     @field_validator("outputs")
     @classmethod
