@@ -66,6 +66,8 @@ FAULT_MODES = (
     "reset",
     "lost_after_rotate",
     "oauth_error",
+    "html",
+    "token_rewrite",
 )
 
 #: Client secrets used by :func:`default_clients`.
@@ -577,7 +579,10 @@ class IdP:
         ``reset`` (connection reset without an answer); ``lost_after_rotate``
         (handled normally, so a refresh token IS rotated, then the
         connection is dropped instead of sending the response); ``oauth_error``
-        (``error=CODE``, ``status=N``, default 400: an RFC 6749 error body).
+        (``error=CODE``, ``status=N``, default 400: an RFC 6749 error body);
+        ``html`` (``status=N``, default 200: a maintenance page);
+        ``token_rewrite`` (handled normally, then a 200's JSON is changed:
+        ``expires_in=VALUE``, None removes it; ``drop_refresh_token=True``).
 
         Faulted requests (other than ``delay``, ``hang`` released and
         ``lost_after_rotate``) never reach oidc-provider.

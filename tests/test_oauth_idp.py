@@ -748,3 +748,61 @@ def test_repr_shows_no_secret() -> None:
     provider = ProviderClient("p", memory_config())
     assert "memory-secret" not in repr(provider)
     assert "client_secret_basic" in repr(provider)
+
+
+# --- what real IdPs send: quirks through the fault switch ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("expires_in", "expected"), [("3600", 3600.0), (None, None), ("soon", None)]
+)
+async def test_expires_in_as_a_string_or_missing(
+    fresh_idp: IdP, expires_in: object, expected: float | None
+) -> None:
+    seed = fresh_idp.seed("basic-client")
+    fresh_idp.fault("token_rewrite", expires_in=expires_in, count=1)
+    async with ProviderClient("idp", basic(fresh_idp)) as provider:
+        outcome = accepted(await provider.refresh(seed))
+    # None: the refresh policy's default_lifetime applies.
+    assert outcome.expires_in == expected
+
+
+async def test_a_refresh_without_a_new_refresh_token_keeps_the_old_one(fresh_idp: IdP) -> None:
+    fresh_idp.configure(rotate_refresh_tokens=False)
+    seed = fresh_idp.seed("basic-client")
+    fresh_idp.fault("token_rewrite", drop_refresh_token=True, count=1)
+    async with ProviderClient("idp", basic(fresh_idp)) as provider:
+        assert accepted(await provider.refresh(seed)).refresh_token is None
+        accepted(await provider.refresh(seed))  # the one tokend keeps still works
+
+
+@pytest.mark.parametrize(
+    ("status", "kind", "reason"),
+    [
+        (200, FailureKind.TRANSIENT, "invalid_json"),
+        (503, FailureKind.TRANSIENT, "http_503"),
+        (403, FailureKind.BLOCKED, "html_block_page"),
+    ],
+)
+async def test_html_bodies(fresh_idp: IdP, status: int, kind: FailureKind, reason: str) -> None:
+    outcome, seed, _ = await refresh_under_fault(fresh_idp, "html", status=status)
+    assert (outcome.kind, outcome.reason, outcome.status) == (kind, reason, status)
+    async with ProviderClient("idp", basic(fresh_idp)) as provider:
+        accepted(await provider.refresh(seed))  # nothing was spent
+
+
+@pytest.mark.parametrize("status", [400, 401])
+async def test_invalid_client_on_400_or_401(fresh_idp: IdP, status: int) -> None:
+    outcome, _, _ = await refresh_under_fault(
+        fresh_idp, "oauth_error", error="invalid_client", status=status
+    )
+    assert (outcome.kind, outcome.reason, outcome.status) == (
+        FailureKind.PROVIDER_PERMANENT,
+        "invalid_client",
+        status,
+    )
+
+
+async def test_expired_token_is_a_dead_grant(fresh_idp: IdP) -> None:
+    outcome, _, _ = await refresh_under_fault(fresh_idp, "oauth_error", error="expired_token")
+    assert (outcome.kind, outcome.reason) == (FailureKind.ACCOUNT_PERMANENT, "expired_token")

@@ -592,6 +592,9 @@ def test_basic_authorization_form_encodes_before_base64() -> None:
     assert header.startswith("Basic ")
     decoded = base64.b64decode(header.removeprefix("Basic ")).decode()
     assert decoded == "cc+client:s3cr%3Aet%2F%2B%26%25%3D"
+    # For servers that do not decode (basic_auth_encoding: raw): as is.
+    raw = basic_authorization("cc client", "s3cr:et/+&%=", form_encode=False)
+    assert base64.b64decode(raw.removeprefix("Basic ")).decode() == "cc client:s3cr:et/+&%="
 
 
 def test_basic_credentials() -> None:

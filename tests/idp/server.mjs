@@ -31,7 +31,10 @@
 //   POST   /_test/seed          {client_id, scope?, account_id?} -> {refresh_token, grant_id, ...}
 //   POST   /_test/fault         {mode, count?, client_id?, user_agent_contains?, grant_type?,
 //                                retry_after?, delay_ms?, error?, status?}
-//                                (mode oauth_error answers {error} with status, default 400)
+//                                (mode oauth_error answers {error} with status, default 400;
+//                                html answers an HTML page with status, default 200;
+//                                token_rewrite handles the request, then changes a 200's
+//                                body: expires_in? (null removes it), drop_refresh_token?)
 //   GET    /_test/fault         current fault
 //   POST   /_test/config        {reuse_grace_seconds?, rotate_refresh_tokens?, access_token_ttl?,
 //                                refresh_token_ttl?, device_interval?}
@@ -90,7 +93,7 @@ const settings = {
 
 const FAULT_MODES = new Set([
   'none', 'status_500', 'status_429', 'status_503', 'html_403',
-  'delay', 'hang', 'reset', 'lost_after_rotate', 'oauth_error',
+  'delay', 'hang', 'reset', 'lost_after_rotate', 'oauth_error', 'html', 'token_rewrite',
 ]);
 const NO_FAULT = { mode: 'none' };
 let fault = NO_FAULT;
@@ -557,6 +560,12 @@ async function tokenEndpoint(provider, ctx, next) {
       ctx.status = applied.status ?? 400;
       ctx.body = { error: applied.error ?? 'invalid_request', error_description: 'injected fault' };
       return;
+    case 'html':
+      ctx.status = applied.status ?? 200;
+      ctx.type = 'text/html; charset=UTF-8';
+      ctx.body = '<!DOCTYPE html><html><head><title>Down for maintenance</title></head>'
+        + '<body><h1>We will be back soon</h1></body></html>';
+      return;
     case 'html_403':
       ctx.status = 403;
       ctx.type = 'text/html; charset=UTF-8';
@@ -615,6 +624,16 @@ async function tokenEndpoint(provider, ctx, next) {
     entry.error = ctx.body.error;
   }
 
+  if (applied?.mode === 'token_rewrite' && ctx.status === 200 && ctx.body && typeof ctx.body === 'object') {
+    const body = { ...ctx.body };
+    if ('expires_in' in applied) {
+      if (applied.expires_in === null) delete body.expires_in;
+      else body.expires_in = applied.expires_in;
+    }
+    if (applied.drop_refresh_token) delete body.refresh_token;
+    ctx.body = body;
+  }
+
   if (applied?.mode === 'lost_after_rotate') {
     abandon(false);
   }
@@ -642,6 +661,8 @@ function parseFault(body) {
   for (const key of ['client_id', 'user_agent_contains', 'grant_type', 'error']) {
     if (body[key] !== undefined && body[key] !== null) next[key] = String(body[key]);
   }
+  if ('expires_in' in body) next.expires_in = body.expires_in;
+  if (body.drop_refresh_token) next.drop_refresh_token = true;
   for (const key of ['retry_after', 'delay_ms', 'status']) {
     if (body[key] !== undefined && body[key] !== null) {
       if (typeof body[key] !== 'number' || body[key] < 0) throw new Error(`${key} must be a non-negative number`);

@@ -259,6 +259,9 @@ class ProviderConfig(_Model):
         "none",
     ] = "client_secret_basic"
     private_key_file: Path | None = None
+    # client_secret_basic: "form" form-encodes the id and secret before base64 (RFC 6749
+    # 2.3.1); "raw" sends them as they are, for servers that do not decode them.
+    basic_auth_encoding: Literal["form", "raw"] = "form"
     # A client certificate (PEM) and its key, presented on every TLS connection to the
     # IdP: client authentication for the tls_client_auth methods (RFC 8705), and what
     # certificate-bound access tokens are bound to with any method.

@@ -67,13 +67,17 @@ class ClientCredentials:
     secrets: tuple[str, ...] = field(repr=False)
 
 
-def basic_authorization(client_id: str, client_secret: str) -> str:
+def basic_authorization(client_id: str, client_secret: str, *, form_encode: bool = True) -> str:
     """The Authorization header value for client_secret_basic.
 
     RFC 6749 2.3.1 form-encodes each part before base64; skipping that breaks any
-    secret containing ":", "+", "%" or "&".
+    secret containing ":", "+", "%" or "&" at a server that decodes. ``form_encode``
+    False sends them as they are, for servers that do not decode.
     """
-    user_pass = f"{quote_plus(client_id)}:{quote_plus(client_secret)}"
+    if form_encode:
+        user_pass = f"{quote_plus(client_id)}:{quote_plus(client_secret)}"
+    else:
+        user_pass = f"{client_id}:{client_secret}"
     return "Basic " + base64.b64encode(user_pass.encode()).decode("ascii")
 
 
@@ -97,7 +101,7 @@ def client_assertion(client_id: str, audience: str, key: SigningKey, now: float)
 class ClientAuth:
     """Turns a provider's configured client authentication into request credentials."""
 
-    __slots__ = ("_client_id", "_client_secret", "_method", "_signing_key")
+    __slots__ = ("_client_id", "_client_secret", "_form_encode", "_method", "_signing_key")
 
     def __init__(
         self,
@@ -106,6 +110,7 @@ class ClientAuth:
         *,
         client_secret: str | None = None,
         signing_key: SigningKey | None = None,
+        form_encode_basic: bool = True,
     ) -> None:
         if method in ("client_secret_basic", "client_secret_post") and not client_secret:
             raise ValueError(f"{method} needs a client secret")
@@ -115,6 +120,7 @@ class ClientAuth:
         self._client_id = client_id
         self._client_secret = client_secret
         self._signing_key = signing_key
+        self._form_encode = form_encode_basic
 
     @classmethod
     def from_config(cls, provider: str, config: ProviderConfig) -> ClientAuth:
@@ -130,7 +136,13 @@ class ClientAuth:
                     f"provider {provider!r}: auth_method private_key_jwt needs private_key_file"
                 )
             signing_key = load_signing_key(provider, config.private_key_file, config.signing_alg)
-        return cls(method, config.client_id, client_secret=client_secret, signing_key=signing_key)
+        return cls(
+            method,
+            config.client_id,
+            client_secret=client_secret,
+            signing_key=signing_key,
+            form_encode_basic=config.basic_auth_encoding == "form",
+        )
 
     @property
     def method(self) -> AuthMethod:
@@ -145,7 +157,9 @@ class ClientAuth:
         """Headers and form fields that authenticate one request to ``token_endpoint``."""
         if self._method == "client_secret_basic":
             assert self._client_secret is not None
-            header = basic_authorization(self._client_id, self._client_secret)
+            header = basic_authorization(
+                self._client_id, self._client_secret, form_encode=self._form_encode
+            )
             return ClientCredentials(
                 {"Authorization": header}, {}, (self._client_secret, header.split(" ", 1)[1])
             )

@@ -39,8 +39,9 @@ _WHITESPACE = re.compile(r"\s+")
 # characters, format characters (bidi overrides, zero-width), line/paragraph separators.
 _UNPRINTABLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 
-# RFC 6749 5.2 codes that condemn the grant this account holds.
-_ACCOUNT_CODES = frozenset({"invalid_grant", "invalid_scope"})
+# RFC 6749 5.2 codes that condemn the grant this account holds, and expired_token,
+# which some IdPs send instead of invalid_grant for a refresh token past its lifetime.
+_ACCOUNT_CODES = frozenset({"invalid_grant", "invalid_scope", "expired_token"})
 # Codes that condemn this client's registration or credentials.
 _CLIENT_CODES = frozenset({"invalid_client", "unauthorized_client"})
 # Codes some IdPs return (with a 400) when they are the ones in trouble.
