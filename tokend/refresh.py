@@ -461,12 +461,12 @@ class Refresh:
         account.writeback_pending = False
         if seed_fp is None or seed_fp == stored.seed_fingerprint:
             return
-        try:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(COMMIT_TIMEOUT):
-                account.record = await put(self.host, stored.evolve(seed_fingerprint=seed_fp))
-        except StoreError as exc:
-            # Harmless: the next start finds the stored token in the vault and goes on.
-            _log.warning("store_write_failed", account=account.name, error=str(exc))
+        # Kept in memory and stored with the record's next write (the next refresh's
+        # in-flight mark), not with a commit of its own: that would cost a second fsync
+        # per refresh. Lost in a crash, it costs nothing either: the next start finds
+        # the stored token in the vault and goes on from it.
+        if account.record is stored:
+            account.record = stored.evolve(seed_fingerprint=seed_fp)
 
     async def commit_unsaved(self, account: Account) -> None:
         record = account.unsaved
