@@ -300,3 +300,24 @@ def test_a_sign_in_writes_the_new_seed_to_the_vault(
         anyio.run(deliver_seed, loaded, "carol", loaded.accounts["carol"], "carol-token")
     with pytest.raises(LoginError, match="read-only"):
         anyio.run(deliver_seed, loaded, "bob", loaded.accounts["bob"], "x")
+
+
+def test_sighup_re_reads_a_vault_seed_whose_version_moved(
+    fresh_idp: IdP, bao: Bao, tokend_factory: Any, tmp_path: Path
+) -> None:
+    import signal
+
+    path, dead = seed_in_vault(fresh_idp, bao)
+    fresh_idp.revoke_grant(dead["grant_id"])
+    # Never polled: only the SIGHUP looks at the vault again.
+    config = vault_config(fresh_idp, bao, tmp_path, poll_interval="1h")
+    config["accounts"] = {
+        "alice": {"provider": "idp", "refresh_token": f"vault://secret/{path}#refresh_token"}
+    }
+    tokend = tokend_factory(config).start()
+    tokend.wait_event("refresh", account="alice", state="needs_reauth")
+    bao.put_secret(path, {"refresh_token": fresh_idp.seed("basic-client")})
+    tokend.signal(signal.SIGHUP)
+    tokend.wait_event("seed_replaced", account="alice")
+    tokend.wait_event("refresh", account="alice", outcome="success")
+    assert tokend.stop() == 0
