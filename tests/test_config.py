@@ -749,3 +749,21 @@ def test_outputs_templates_and_owners_are_checked_with_positions(tmp_path: Path)
     ), lines
     assert any("accounts.alice.outputs.1.file:" in line and "'..'" in line for line in lines)
     assert not any("rt-canary-0001" in line for line in lines)
+
+
+def test_presets_fill_in_what_is_left_out() -> None:
+    from tokend.config import ProviderConfig
+
+    def provider(**settings: object) -> ProviderConfig:
+        base = {"issuer": "https://idp.example", "client_id": "c", "auth_method": "none"}
+        return ProviderConfig.model_validate({**base, **settings})
+
+    assert provider(preset="okta").reuse_grace == 30
+    assert provider(preset="okta", reuse_grace="5s").reuse_grace == 5  # explicit wins
+    assert provider(preset="xero").reuse_grace == 1800
+    google = provider(preset="google")
+    assert google.authorize_params == {"access_type": "offline", "prompt": "consent"}
+    assert google.login_scope == "openid"
+    assert provider().reuse_grace == 0
+    with pytest.raises(ValueError, match="preset"):
+        provider(preset="nowhere")

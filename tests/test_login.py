@@ -127,7 +127,9 @@ def run_once(workdir: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_browser_login_from_an_account_without_a_seed(fresh_idp: IdP, workdir: Path) -> None:
-    write_config(workdir, login_config(fresh_idp))
+    config = login_config(fresh_idp)
+    config["providers"]["idp"]["authorize_params"] = {"prompt": "consent"}
+    write_config(workdir, config)
     # Before signing in, the account cannot get a token.
     assert run_once(workdir).returncode == 1
 
@@ -138,6 +140,7 @@ def test_browser_login_from_an_account_without_a_seed(fresh_idp: IdP, workdir: P
     assert query["code_challenge_method"] == ["S256"]
     assert query["response_type"] == ["code"]
     assert query["scope"] == ["openid offline_access"]
+    assert query["prompt"] == ["consent"]
     redirect_uri = query["redirect_uri"][0]
     assert re.fullmatch(r"http://127\.0\.0\.1:\d+/callback", redirect_uri)
 

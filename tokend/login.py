@@ -104,7 +104,14 @@ def login_command(
             account,
             aconf,
             _Options(
-                device, open_browser, port, scope or aconf.scope or DEFAULT_LOGIN_SCOPE, timeout
+                device,
+                open_browser,
+                port,
+                scope
+                or aconf.scope
+                or config.providers[aconf.provider].login_scope
+                or DEFAULT_LOGIN_SCOPE,
+                timeout,
             ),
             err,
         )
@@ -150,7 +157,7 @@ async def _login(
                 port=options.port,
                 wait=options.wait,
                 issuer=pconf.issuer,
-                extra=pconf.extra_params,
+                extra={**pconf.extra_params, **pconf.authorize_params},
                 show=_printer(err),
                 open_url=_open_in_browser if options.open_browser and _has_browser() else None,
             )

@@ -28,6 +28,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from tokend._ids import resolve_id
+from tokend.config._presets import PRESETS, PresetName
 from tokend.template import Template
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -241,6 +242,8 @@ class RateLimitConfig(_Model):
 class ProviderConfig(_Model):
     """An identity provider and this client's credentials at it."""
 
+    # Settings for a well-known IdP (config/_presets.py); explicit settings win.
+    preset: PresetName | None = None
     issuer: str | None = None
     token_endpoint: str | None = None
     # For `tokend login` and `tokend revoke`; from discovery when an issuer is set.
@@ -277,6 +280,10 @@ class ProviderConfig(_Model):
     timeout: Duration = Field(default=10.0, gt=0)
     # Extra form parameters sent with every token request (e.g. audience, resource).
     extra_params: dict[str, str] = Field(default_factory=dict)
+    # `tokend login`: extra authorization request parameters, and the scope to ask for
+    # when the account names none (default "openid offline_access").
+    authorize_params: dict[str, str] = Field(default_factory=dict)
+    login_scope: str | None = None
     refresh: RefreshPolicyConfig = RefreshPolicyConfig()
     max_concurrency: int = Field(default=4, ge=1, le=1024)
     rate_limit: RateLimitConfig = RateLimitConfig()
@@ -306,6 +313,17 @@ class ProviderConfig(_Model):
         return url
 
     _check_secret = field_validator("client_secret")(_not_empty)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: object) -> object:
+        # Only what the operator left out: an explicit setting always wins.
+        if isinstance(data, dict):
+            name = data.get("preset")
+            preset = PRESETS.get(name) if isinstance(name, str) else None
+            if preset:
+                return {**preset, **data}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> ProviderConfig:
