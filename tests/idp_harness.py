@@ -68,6 +68,8 @@ FAULT_MODES = (
     "oauth_error",
     "html",
     "token_rewrite",
+    "respond_with",
+    "override",
 )
 
 #: Client secrets used by :func:`default_clients`.
@@ -582,7 +584,12 @@ class IdP:
         (``error=CODE``, ``status=N``, default 400: an RFC 6749 error body);
         ``html`` (``status=N``, default 200: a maintenance page);
         ``token_rewrite`` (handled normally, then a 200's JSON is changed:
-        ``expires_in=VALUE``, None removes it; ``drop_refresh_token=True``).
+        ``expires_in=VALUE``, None removes it; ``drop_refresh_token=True``);
+        ``respond_with`` (``status=N``, default 200, and ``body={...}`` or
+        ``raw="..."`` sent as application/json, without asking the provider);
+        ``override`` (handled normally, so a refresh token IS rotated, then the
+        JSON answer's fields are replaced by ``fields={...}`` and
+        ``raw_fields={name: "raw JSON text"}``, e.g. ``{"expires_in": "NaN"}``).
 
         Faulted requests (other than ``delay``, ``hang`` released and
         ``lost_after_rotate``) never reach oidc-provider.

@@ -30,11 +30,17 @@
 // Control API (never part of OAuth), all JSON:
 //   POST   /_test/seed          {client_id, scope?, account_id?} -> {refresh_token, grant_id, ...}
 //   POST   /_test/fault         {mode, count?, client_id?, user_agent_contains?, grant_type?,
-//                                retry_after?, delay_ms?, error?, status?}
+//                                retry_after?, delay_ms?, error?, status?, body?, raw?, fields?,
+//                                raw_fields?}
 //                                (mode oauth_error answers {error} with status, default 400;
 //                                html answers an HTML page with status, default 200;
 //                                token_rewrite handles the request, then changes a 200's
 //                                body: expires_in? (null removes it), drop_refresh_token?)
+//     respond_with: answer {status (default 200), body (JSON) or raw (text sent as
+//                   application/json)} without asking oidc-provider
+//     override:     handled normally (a refresh token IS rotated), then the JSON
+//                   answer's fields are replaced by `fields` and by `raw_fields`
+//                   (name -> raw JSON text, for values JSON.stringify cannot write)
 //   GET    /_test/fault         current fault
 //   POST   /_test/config        {reuse_grace_seconds?, rotate_refresh_tokens?, access_token_ttl?,
 //                                refresh_token_ttl?, device_interval?}
@@ -94,6 +100,7 @@ const settings = {
 const FAULT_MODES = new Set([
   'none', 'status_500', 'status_429', 'status_503', 'html_403',
   'delay', 'hang', 'reset', 'lost_after_rotate', 'oauth_error', 'html', 'token_rewrite',
+  'respond_with', 'override',
 ]);
 const NO_FAULT = { mode: 'none' };
 let fault = NO_FAULT;
@@ -574,6 +581,11 @@ async function tokenEndpoint(provider, ctx, next) {
     case 'reset':
       abandon(true);
       return;
+    case 'respond_with':
+      ctx.status = applied.status ?? 200;
+      ctx.type = 'application/json';
+      ctx.body = applied.raw ?? JSON.stringify(applied.body ?? {});
+      return;
     case 'delay':
       await new Promise((resolve) => { setTimeout(resolve, applied.delay_ms ?? 1000); });
       break;
@@ -637,6 +649,17 @@ async function tokenEndpoint(provider, ctx, next) {
   if (applied?.mode === 'lost_after_rotate') {
     abandon(false);
   }
+  if (applied?.mode === 'override' && ctx.body && typeof ctx.body === 'object') {
+    const rawFields = applied.raw_fields ?? {};
+    const merged = { ...ctx.body, ...(applied.fields ?? {}) };
+    for (const name of Object.keys(rawFields)) delete merged[name];
+    const pieces = Object.entries(rawFields).map(([name, raw]) => `${JSON.stringify(name)}:${raw}`);
+    const text = JSON.stringify(merged);
+    ctx.type = 'application/json';
+    ctx.body = pieces.length === 0
+      ? text
+      : `${text.slice(0, -1)}${text.length > 2 ? ',' : ''}${pieces.join(',')}}`;
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -667,6 +690,22 @@ function parseFault(body) {
     if (body[key] !== undefined && body[key] !== null) {
       if (typeof body[key] !== 'number' || body[key] < 0) throw new Error(`${key} must be a non-negative number`);
       next[key] = body[key];
+    }
+  }
+  if (body.status !== undefined && body.status !== null) {
+    if (!Number.isInteger(body.status) || body.status < 100 || body.status > 599) throw new Error('status must be an HTTP status');
+    next.status = body.status;
+  }
+  if (body.raw !== undefined && body.raw !== null) next.raw = String(body.raw);
+  for (const key of ['body', 'fields', 'raw_fields']) {
+    if (body[key] !== undefined && body[key] !== null) {
+      if (typeof body[key] !== 'object' || Array.isArray(body[key])) throw new Error(`${key} must be an object`);
+      next[key] = body[key];
+    }
+  }
+  if (next.raw_fields) {
+    for (const value of Object.values(next.raw_fields)) {
+      if (typeof value !== 'string') throw new Error('raw_fields values must be strings of raw JSON');
     }
   }
   return next;

@@ -10,16 +10,19 @@ import anyio
 import httpx
 
 from tokend.config import ProviderConfig
+from tokend.logs import get_logger
 from tokend.oauth._auth import ClientAuth, tls_context
 from tokend.oauth._authorize import DEVICE_CODE_GRANT
 from tokend.oauth._discovery import Discovery, DiscoveryError
 from tokend.oauth._http import DEFAULT_USER_AGENT, RawResponse, RequestProgress, read_capped
-from tokend.oauth._outcome import FailureKind, Outcome, TokenFailure
+from tokend.oauth._outcome import FailureKind, Outcome, TokenFailure, TokenResponse
 from tokend.oauth._parse import (
     classify_response,
     classify_transport_error,
     clean_text,
 )
+
+_log = get_logger(component="oauth")
 
 
 class ProviderClient:
@@ -165,7 +168,7 @@ class ProviderClient:
         if isinstance(sent, TokenFailure):
             return sent
         raw, secrets = sent
-        return classify_response(
+        outcome = classify_response(
             raw.status,
             raw.headers,
             raw.body,
@@ -173,6 +176,9 @@ class ProviderClient:
             truncated=raw.truncated,
             secrets=secrets,
         )
+        if isinstance(outcome, TokenResponse) and outcome.notes:
+            _log.warning("token_response_adjusted", provider=self.name, notes=list(outcome.notes))
+        return outcome
 
     async def _send_raw(
         self, endpoint_name: str, params: Mapping[str, str], secrets: tuple[str, ...]

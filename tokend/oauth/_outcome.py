@@ -34,6 +34,9 @@ class TokenResponse:
     # None when the IdP did not rotate (keep the old refresh token).
     refresh_token: str | None = field(default=None, repr=False)
     scope: str | None = None
+    # What was adjusted to make the answer usable (an expires_in clamped, say), for
+    # the log; never a secret.
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,6 @@ import unicodedata
 from collections.abc import Iterable, Mapping
 from datetime import UTC
 from email.utils import parsedate_to_datetime
-from typing import TypeGuard
 from urllib.parse import quote, quote_plus
 
 import httpx
@@ -27,10 +26,25 @@ from tokend.oauth._outcome import FailureKind, Outcome, TokenFailure, TokenRespo
 MAX_BODY_BYTES = 256 * 1024
 MAX_DESCRIPTION_CHARS = 200
 MAX_RETRY_AFTER_SECONDS = 3600.0
+# Longest an access token is believed to live: an expires_in beyond it (1e12, say) is
+# taken as this, and the adjustment reported. Past a year, an IdP's number is noise,
+# and far enough ahead it is not even a date.
+MAX_EXPIRES_IN_SECONDS = 365 * 24 * 3600.0
+# Bounds on what is kept of a token response. Real tokens are at most a few KiB
+# (large JWTs ~8 KiB); the scope is a handful of words.
+MAX_TOKEN_CHARS = 32 * 1024
+MAX_TOKEN_TYPE_CHARS = 64
+MAX_SCOPE_CHARS = 4096
 REDACTED = "[redacted]"
 INVALID_ERROR_CODE = "invalid_error_code"
 
 _ERROR_CODE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# RFC 6749 7.1/A.13 type-name, and A.4 scope-token (with the space between tokens).
+_TOKEN_TYPE = re.compile(r"[A-Za-z0-9_.-]+", re.ASCII)
+_SCOPE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+(?: [\x21\x23-\x5b\x5d-\x7e]+)*", re.ASCII)
+# Tokens go into HTTP headers and files: visible ASCII only (RFC 6750 b64token is a
+# subset; some IdPs use other visible characters).
+_TOKEN_CHARS = re.compile(r"[\x21-\x7e]+", re.ASCII)
 _DELTA_SECONDS = re.compile(r"[+-]?\d{1,12}(?:\.\d{1,9})?", re.ASCII)
 _HTML_START = re.compile(rb"\s*(?:<!doctype\s+html|<html|<head|<body|<title)", re.IGNORECASE)
 _TITLE_WINDOW_BYTES = 64 * 1024
@@ -132,7 +146,7 @@ def clean_error_code(value: object, secrets: Iterable[str] = ()) -> str | None:
 
 def parse_expires_in(value: object) -> float | None:
     """``expires_in`` as seconds: an int, a float or a numeric string; None when missing,
-    unreadable, not finite or not positive."""
+    unreadable, not finite or not positive. Not bounded: see :func:`parse_token_fields`."""
     if isinstance(value, bool):
         return None
     if isinstance(value, float):
@@ -149,43 +163,93 @@ def parse_expires_in(value: object) -> float | None:
     return seconds
 
 
+class UnusableField(ValueError):
+    """A field of a 2xx token response that cannot be used; the message says which and
+    why, never quoting the value (it may be a secret)."""
+
+
 def _parse_token_type(value: object) -> str:
     if not isinstance(value, str) or not value.strip():
         return "Bearer"
-    token_type = value.strip()
+    # Spaces around it are harmless; any other whitespace is a character too many.
+    token_type = value.strip(" ")
+    if len(token_type) > MAX_TOKEN_TYPE_CHARS or not _TOKEN_TYPE.fullmatch(token_type):
+        # It is written next to the token, in Authorization headers among others: a
+        # CR or LF there would let the IdP add headers of its own.
+        raise UnusableField(
+            "token_type is not a token type name (letters, digits, '-', '.', '_'; "
+            f"at most {MAX_TOKEN_TYPE_CHARS})"
+        )
     # RFC 6750 says the type is case-insensitive; consumers compare it literally.
     return "Bearer" if token_type.lower() == "bearer" else token_type
 
 
 def _parse_scope(value: object) -> str | None:
     if isinstance(value, str):
-        return value.strip() or None
-    # A few IdPs send a JSON array instead of the space-delimited string.
-    if isinstance(value, list) and all(isinstance(item, str) for item in value):
-        return " ".join(item for item in value if item) or None
-    return None
+        scope = value.strip(" ")
+    elif isinstance(value, list) and all(isinstance(item, str) for item in value):
+        # A few IdPs send a JSON array instead of the space-delimited string.
+        scope = " ".join(item for item in value if item)
+    else:
+        return None
+    if not scope:
+        return None
+    if len(scope) > MAX_SCOPE_CHARS or not _SCOPE.fullmatch(scope):
+        raise UnusableField(
+            "scope is not a list of scope tokens (visible ASCII without '\"' or '\\', "
+            f"separated by single spaces; at most {MAX_SCOPE_CHARS} characters)"
+        )
+    return scope
 
 
-def _is_usable_token(value: object) -> TypeGuard[str]:
-    if not isinstance(value, str) or not value.strip():
-        return False
-    # A control character in a token would break the headers of whoever uses it.
-    return not any(unicodedata.category(ch) == "Cc" for ch in value)
+def _check_token(name: str, value: str) -> str:
+    if len(value) > MAX_TOKEN_CHARS:
+        raise UnusableField(f"{name} is longer than {MAX_TOKEN_CHARS} characters")
+    if not _TOKEN_CHARS.fullmatch(value):
+        # A control character or space in a token would break the headers and files
+        # of whoever uses it.
+        raise UnusableField(f"{name} holds characters other than visible ASCII")
+    return value
 
 
 def parse_token_fields(document: Mapping[str, object]) -> TokenResponse | None:
-    """A TokenResponse from a decoded token response, or None without a usable
-    ``access_token``."""
+    """A TokenResponse from a decoded token response, or None without an
+    ``access_token``. Raises :class:`UnusableField` for a field present but unusable.
+
+    expires_in beyond :data:`MAX_EXPIRES_IN_SECONDS` is clamped to it, and a present
+    but unreadable one is treated as missing; both are reported in ``notes``."""
     access_token = document.get("access_token")
-    if not _is_usable_token(access_token):
+    if not isinstance(access_token, str) or not access_token.strip():
         return None
+    _check_token("access_token", access_token)
     refresh_token = document.get("refresh_token")
+    if not isinstance(refresh_token, str) or not refresh_token:
+        refresh_token = None
+    else:
+        _check_token("refresh_token", refresh_token)
+    token_type = _parse_token_type(document.get("token_type"))
+    scope = _parse_scope(document.get("scope"))
+    notes: list[str] = []
+    raw_expires_in = document.get("expires_in")
+    expires_in = parse_expires_in(raw_expires_in)
+    if expires_in is None and raw_expires_in is not None:
+        notes.append(
+            "expires_in is not a positive number of seconds; the provider's "
+            "default_lifetime applies"
+        )
+    elif expires_in is not None and expires_in > MAX_EXPIRES_IN_SECONDS:
+        notes.append(
+            f"expires_in {expires_in:.6g} s is beyond one year; taken as one year "
+            f"({MAX_EXPIRES_IN_SECONDS:.0f} s)"
+        )
+        expires_in = MAX_EXPIRES_IN_SECONDS
     return TokenResponse(
         access_token=access_token,
-        token_type=_parse_token_type(document.get("token_type")),
-        expires_in=parse_expires_in(document.get("expires_in")),
-        refresh_token=refresh_token if isinstance(refresh_token, str) and refresh_token else None,
-        scope=_parse_scope(document.get("scope")),
+        token_type=token_type,
+        expires_in=expires_in,
+        refresh_token=refresh_token,
+        scope=scope,
+        notes=tuple(notes),
     )
 
 
@@ -256,7 +320,14 @@ def classify_response(
             return TokenFailure(FailureKind.TRANSIENT, "response_too_large", status=status)
         if document is None:
             return TokenFailure(FailureKind.TRANSIENT, "invalid_json", status=status)
-        token = parse_token_fields(document)
+        try:
+            token = parse_token_fields(document)
+        except UnusableField as exc:
+            # Transient with a 2xx status: the IdP may have rotated the refresh token
+            # in this answer, so the policy treats it as a response that was lost.
+            return TokenFailure(
+                FailureKind.TRANSIENT, "invalid_token_response", status=status, description=str(exc)
+            )
         if token is not None:
             return token
         return _classify_success_without_token(status, document, secrets)
