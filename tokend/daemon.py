@@ -54,7 +54,7 @@ def build_clients(config: Config) -> tuple[dict[str, ProviderClient], dict[str, 
 def provider_fingerprint(config: ProviderConfig) -> str:
     """Changes when anything that shapes a provider's client changes, including the
     content of its secret and key files (so fixing a secret file and sending SIGHUP
-    counts as a config change)."""
+    counts as a config change). Reads files: call it in a worker thread."""
     digest = hashlib.sha256(config.model_dump_json().encode())
     if config.client_secret is not None:
         digest.update(b"\0secret\0" + config.client_secret.get_secret_value().encode())
@@ -65,6 +65,32 @@ def provider_fingerprint(config: ProviderConfig) -> str:
             except OSError as exc:
                 digest.update(f"\0unreadable\0{exc.errno}".encode())
     return digest.hexdigest()
+
+
+def provider_fingerprints(config: Config) -> dict[str, str]:
+    return {name: provider_fingerprint(p) for name, p in config.providers.items()}
+
+
+async def read_providers(
+    config: Config, previous: dict[str, str] | None = None
+) -> tuple[dict[str, str], set[str], dict[str, ProviderClient], dict[str, str]]:
+    """Every provider's fingerprint, the providers whose fingerprint differs from
+    ``previous`` (all of them without it), and clients (with setup errors) for those.
+    Secret and key files are read in a worker thread: a slow volume must not stall the
+    event loop, which goes on serving tokens meanwhile."""
+
+    def read() -> tuple[dict[str, str], set[str], dict[str, ProviderClient], dict[str, str]]:
+        fingerprints = provider_fingerprints(config)
+        changed = {
+            name
+            for name, fp in fingerprints.items()
+            if previous is None or previous.get(name) != fp
+        }
+        providers = {name: config.providers[name] for name in sorted(changed)}
+        clients, errors = build_clients(config.model_copy(update={"providers": providers}))
+        return fingerprints, changed, clients, errors
+
+    return await anyio.to_thread.run_sync(read)
 
 
 def build_publishers(config: Config) -> list[Publisher]:
@@ -110,10 +136,7 @@ class Daemon:
         store = open_store(self.config.state)
         await store.open()
         stack.push_async_callback(store.close)
-        self.fingerprints = {
-            name: provider_fingerprint(p) for name, p in self.config.providers.items()
-        }
-        clients, errors = build_clients(self.config)
+        self.fingerprints, _, clients, errors = await read_providers(self.config)
         self.clients = dict(clients)
         stack.push_async_callback(self._close_clients)
         await self._open_vault(stack)
@@ -286,13 +309,7 @@ class Daemon:
         )
         if config.log != self.config.log:
             logs.configure(config.log.level, config.log.format)
-        fingerprints = {name: provider_fingerprint(p) for name, p in config.providers.items()}
-        changed = {n for n, fp in fingerprints.items() if self.fingerprints.get(n) != fp}
-        clients, errors = build_clients(
-            config.model_copy(
-                update={"providers": {n: config.providers[n] for n in sorted(changed)}}
-            )
-        )
+        fingerprints, changed, clients, errors = await read_providers(config, self.fingerprints)
         try:
             publishers = build_publishers(config)
         except ValueError as exc:

@@ -109,6 +109,10 @@ _VERSION = re.compile(r"\.\.\d{8}T\d{6}\.([0-9a-f]{16})\.[A-Za-z0-9_]+")
 # Accounts share these locks by hash: bounded memory at 100,000 accounts, and with
 # far more stripes than worker threads two accounts rarely wait for each other.
 _LOCK_STRIPES = 1024
+# Worker threads token-file I/O may occupy at once. Its own limiter rather than
+# anyio's shared default one: a slow or hung token volume (NFS, a full disk retrying)
+# must not take every thread the store's commits and the metrics need.
+_IO_THREADS = 8
 # How long a scan of the token directory may stand in for looking at an account's
 # files: long enough for a restart's republishing, short enough that files changed by
 # hand later are looked at again.
@@ -268,6 +272,7 @@ class TokenFiles:
         self._scan: dict[str, str] = {}
         self._scanned_at: float | None = None
         self._scan_lock: anyio.Lock | None = None
+        self._io_limiter: anyio.CapacityLimiter | None = None
 
     # -- shape of an account's files --------------------------------------------------
 
@@ -303,6 +308,12 @@ class TokenFiles:
             self._locks = [anyio.Lock() for _ in range(_LOCK_STRIPES)]
             self._scan_lock = anyio.Lock()
         return self._locks[hash(account) % _LOCK_STRIPES]
+
+    def _limiter(self) -> anyio.CapacityLimiter:
+        if self._io_limiter is None:
+            # Created on first use, like the locks: it belongs to the running loop.
+            self._io_limiter = anyio.CapacityLimiter(_IO_THREADS)
+        return self._io_limiter
 
     def _forget(self, account: str) -> None:
         """What is on disk for ``account`` is unknown: look at it again next time."""
@@ -366,7 +377,7 @@ class TokenFiles:
     ) -> tuple[bool, _T | None]:
         """Run ``func`` in a worker thread; log, never raise, when it fails."""
         try:
-            return True, await anyio.to_thread.run_sync(func, *args)
+            return True, await anyio.to_thread.run_sync(func, *args, limiter=self._limiter())
         except OSError as exc:
             # What is on disk is now uncertain: the next publish looks at it again.
             self._forget(account)
@@ -391,7 +402,9 @@ class TokenFiles:
             async with self._scan_lock:
                 if self._scanned_at is None:
                     try:
-                        self._scan = await anyio.to_thread.run_sync(self._scan_disk)
+                        self._scan = await anyio.to_thread.run_sync(
+                            self._scan_disk, limiter=self._limiter()
+                        )
                     except OSError as exc:
                         # Not fatal: each account's files are looked at one by one.
                         _log.warning(
