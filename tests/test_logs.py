@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 from tokend import logs
 
@@ -22,3 +23,74 @@ def test_registered_secrets_are_redacted_and_forgotten_ones_released() -> None:
     assert line["refresh_token"] == logs.REDACTED
     # A forgotten value is no longer held (nor matched) by the redactor.
     assert spent in line["detail"]
+
+
+def test_secrets_with_characters_outside_words_are_redacted() -> None:
+    out = io.StringIO()
+    logs.configure(stream=out)
+    punctuated = "s3cr:et/+&%="  # no run of 8 word characters inside it
+    anchored = "k3y:0123456789abcdef:tail!"  # one inner word, then punctuation
+    for secret in (punctuated, anchored):
+        logs.register_secret(secret)
+    logs.get_logger().info(
+        "x",
+        detail=f"form client_secret={punctuated}&x=1; header {anchored}; again{punctuated}",
+        nested={"list": [f"({anchored})"]},
+    )
+    text = out.getvalue()
+    assert punctuated not in text and anchored not in text
+    assert text.count(logs.REDACTED) == 4, text
+    # Redaction is exact: the inner word alone, or a near miss, is left alone.
+    assert logs.redact("0123456789abcdef") == "0123456789abcdef"
+    assert logs.redact("s3cr:et/+&%") == "s3cr:et/+&%"
+    logs.forget_secret(anchored)
+    assert logs.redact(anchored) == anchored
+
+
+def test_client_secrets_and_key_material_are_registered_with_the_redactor(
+    tmp_path: Path,
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from pydantic import SecretStr
+
+    from tokend.config import ProviderConfig
+    from tokend.oauth import ProviderClient
+
+    secret = "pr0v:ider/secret+&%="
+    basic = ProviderClient(
+        "basic",
+        ProviderConfig(
+            token_endpoint="https://idp.example/token",
+            client_id="client",
+            client_secret=SecretStr(secret),
+        ),
+    )
+    pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    key_file = tmp_path / "key.pem"
+    key_file.write_bytes(pem)
+    signed = ProviderClient(
+        "jwt",
+        ProviderConfig(
+            token_endpoint="https://idp.example/token",
+            client_id="client",
+            auth_method="private_key_jwt",
+            private_key_file=key_file,
+        ),
+    )
+    from urllib.parse import quote_plus
+
+    from tokend.oauth._auth import basic_authorization
+
+    for text in (secret, quote_plus(secret), basic_authorization("client", secret)[6:]):
+        assert logs.redact(f"echo: {text} .") == f"echo: {logs.REDACTED} ."
+    key_lines = [line for line in pem.decode().splitlines() if not line.startswith("-----")]
+    assert key_lines
+    for line in key_lines:
+        if len(line) >= 8:
+            assert line not in logs.redact(pem.decode())
+    del basic, signed

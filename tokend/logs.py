@@ -54,6 +54,13 @@ class _SecretRegistry:
     Text is cut into token-shaped words and each is looked up in a set, so the cost
     per log line does not grow with the number of accounts (100,000 tokens would
     make one big alternation regex slow to rebuild on every refresh).
+
+    A secret with characters outside the word pattern (``s3cr:et/+&%=``) is not one
+    word. It is found through its longest word that other characters bound on both
+    sides (such a word is cut out of any text holding the secret exactly as it is cut
+    out of the secret), then replaced whole; one without such a word (short client
+    secrets full of punctuation) is matched by a regex of all of them, which stays
+    small: most such secrets come from the config, not from the IdP.
     """
 
     _MIN_LENGTH = 8
@@ -61,33 +68,89 @@ class _SecretRegistry:
 
     def __init__(self) -> None:
         self._values: set[str] = set()
+        # Inner word -> the secrets (with other characters) that contain it; tuples,
+        # replaced rather than changed, so a scrub in another thread never sees one
+        # change under it.
+        self._anchored: dict[str, tuple[str, ...]] = {}
+        self._loose: set[str] = set()
+        self._loose_pattern: re.Pattern[str] | None = None
         self._lock = threading.Lock()
 
+    @classmethod
+    def _anchor(cls, value: str) -> str | None:
+        inner = [
+            match.group(0)
+            for match in cls._WORD.finditer(value)
+            if match.start() > 0 and match.end() < len(value)
+        ]
+        return max(inner, key=len) if inner else None
+
     def add(self, value: str) -> None:
-        if len(value) >= self._MIN_LENGTH:
-            with self._lock:
+        if len(value) < self._MIN_LENGTH:
+            return
+        with self._lock:
+            if self._WORD.fullmatch(value):
                 self._values.add(value)
+                return
+            anchor = self._anchor(value)
+            if anchor is not None:
+                holders = self._anchored.get(anchor, ())
+                if value not in holders:
+                    self._anchored[anchor] = (*holders, value)
+            elif value not in self._loose:
+                self._loose.add(value)
+                self._loose_pattern = None
 
     def discard(self, value: str) -> None:
         with self._lock:
             self._values.discard(value)
+            anchor = self._anchor(value)
+            if anchor is not None and value in self._anchored.get(anchor, ()):
+                rest = tuple(v for v in self._anchored[anchor] if v != value)
+                if rest:
+                    self._anchored[anchor] = rest
+                else:
+                    del self._anchored[anchor]
+            if value in self._loose:
+                self._loose.discard(value)
+                self._loose_pattern = None
+
+    def _loose_regex(self) -> re.Pattern[str] | None:
+        pattern = self._loose_pattern
+        if pattern is None and self._loose:
+            with self._lock:
+                # Longest first: a secret inside another must not cut the longer one.
+                ordered = sorted(self._loose, key=len, reverse=True)
+                pattern = self._loose_pattern = re.compile("|".join(map(re.escape, ordered)))
+        return pattern
 
     def scrub(self, text: str) -> str:
-        if len(text) < self._MIN_LENGTH or not self._values:
+        if len(text) < self._MIN_LENGTH or not (self._values or self._anchored or self._loose):
             return text
         values = self._values
+        anchored = self._anchored
+        found: list[str] = []
+        loose = self._loose_regex()
+        if loose is not None:
+            text = loose.sub(REDACTED, text)
 
         def replace(match: re.Match[str]) -> str:
             word = match.group(0)
             if word in values:
                 return REDACTED
+            holders = anchored.get(word)
+            if holders:
+                found.extend(holders)
             # "refresh_token=SECRET" in a URL-encoded body or a repr is one word.
             key, sep, rest = word.partition("=")
             if sep and rest in values:
                 return key + sep + REDACTED
             return word
 
-        return self._WORD.sub(replace, text)
+        text = self._WORD.sub(replace, text)
+        for secret in sorted(found, key=len, reverse=True):
+            text = text.replace(secret, REDACTED)
+        return text
 
 
 _secrets = _SecretRegistry()
@@ -97,6 +160,17 @@ def register_secret(value: str | None) -> None:
     """Make sure ``value`` never appears in a log line, whatever carries it."""
     if value:
         _secrets.add(value)
+
+
+def register_long_lived_secret(value: str | None) -> None:
+    """Like :func:`register_secret`, also for the forms a secret takes on the wire
+    (form- and percent-encoded), for client secrets and key material that an error
+    text might quote as they were sent."""
+    if value:
+        from urllib.parse import quote, quote_plus
+
+        for form in {value, quote_plus(value, safe=""), quote(value, safe="")}:
+            _secrets.add(form)
 
 
 def forget_secret(value: str | None) -> None:

@@ -55,6 +55,9 @@ class SigningKey:
     key: PrivateKey = field(repr=False)
     algorithm: SigningAlg
     key_id: str | None = None
+    # The key file's secret text (PEM base64 lines, private JWK members), for the
+    # log redactor.
+    material: tuple[str, ...] = field(default=(), repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +155,19 @@ class ClientAuth:
     def secrets(self) -> tuple[str, ...]:
         """Long-lived secrets an IdP could echo (per-request ones come with credentials)."""
         return (self._client_secret,) if self._client_secret else ()
+
+    @property
+    def redaction_values(self) -> tuple[str, ...]:
+        """Everything long-lived that must never reach a log: the client secret, the
+        Basic credential made from it, and the signing key's text."""
+        values: list[str] = []
+        if self._client_secret:
+            values.append(self._client_secret)
+            if self._method == "client_secret_basic":
+                values.append(basic_authorization(self._client_id, self._client_secret)[6:])
+        if self._signing_key is not None:
+            values.extend(self._signing_key.material)
+        return tuple(values)
 
     def credentials(self, token_endpoint: str, now: float) -> ClientCredentials:
         """Headers and form fields that authenticate one request to ``token_endpoint``."""
@@ -269,7 +285,7 @@ def load_signing_key(provider: str, path: Path, algorithm: SigningAlg | None) ->
     if algorithm_or_problem not in ("ES256", "RS256"):
         raise ProviderSetupError(f"{where} {algorithm_or_problem}")
     chosen: SigningAlg = "ES256" if algorithm_or_problem == "ES256" else "RS256"
-    signing_key = SigningKey(key, chosen, key_id)
+    signing_key = SigningKey(key, chosen, key_id, _key_material(raw))
     # Sign once now, so a key the signer rejects fails at startup, not at 3 a.m.
     signed = True
     try:
@@ -279,6 +295,30 @@ def load_signing_key(provider: str, path: Path, algorithm: SigningAlg | None) ->
     if not signed:
         raise ProviderSetupError(f"{where} cannot sign {signing_key.algorithm} assertions")
     return signing_key
+
+
+# Members of a private JWK that are secret (RFC 7518 6.2.2, 6.3.2, 6.4.1).
+_PRIVATE_JWK_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "k")
+
+
+def _key_material(raw: bytes) -> tuple[str, ...]:
+    """The secret text of a key file: a PEM's base64 lines, or a JWK's private members."""
+    text = raw.decode("utf-8", errors="replace")
+    if text.lstrip().startswith("{"):
+        try:
+            document = json.loads(text)
+        except ValueError:
+            return ()
+        keys = document.get("keys") if isinstance(document, dict) else None
+        found: list[str] = []
+        for key in keys if isinstance(keys, list) else [document]:
+            if isinstance(key, dict):
+                found += [v for m in _PRIVATE_JWK_MEMBERS if isinstance(v := key.get(m), str)]
+        return tuple(found)
+    lines = (line.strip() for line in text.splitlines())
+    return tuple(
+        line for line in lines if line and not line.startswith("-----") and ":" not in line
+    )
 
 
 def _os_problem(exc: OSError) -> str:

@@ -10,7 +10,7 @@ import anyio
 import httpx
 
 from tokend.config import ProviderConfig
-from tokend.logs import get_logger
+from tokend.logs import get_logger, register_long_lived_secret
 from tokend.oauth._auth import ClientAuth, tls_context
 from tokend.oauth._authorize import DEVICE_CODE_GRANT
 from tokend.oauth._discovery import Discovery, DiscoveryError
@@ -43,6 +43,8 @@ class ProviderClient:
         self._config = config
         # Reads the secret or key file now: a bad file stops startup with ProviderSetupError.
         self._auth = ClientAuth.from_config(name, config)
+        for secret in self._auth.redaction_values:
+            register_long_lived_secret(secret)
         self._headers = {
             # Some web firewalls block HTTP libraries' default User-Agents outright.
             "User-Agent": config.user_agent or DEFAULT_USER_AGENT,
