@@ -59,7 +59,9 @@ def test_provider_secret_and_key_files_are_read_off_the_event_loop(
     secret_file = tmp_path / "client-secret"
     secret_file.write_text(BASIC_SECRET + "\n")
     key_file = Path(idp_keys["ec_pem"])
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(hook_dir)])))
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(hook_dir), os.environ.get("PYTHONPATH")]))
+    )
     monkeypatch.setenv(
         "TOKEND_TEST_WATCHED_FILES", os.pathsep.join([str(secret_file), str(key_file)])
     )
