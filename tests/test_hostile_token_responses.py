@@ -22,6 +22,7 @@ from tests.test_socket_api import (
     wait_for_token,
 )
 from tokend.oauth import FailureKind, TokenFailure, TokenResponse
+from tokend.oauth._discovery import DiscoveryError, token_endpoint_from_metadata
 from tokend.oauth._parse import (
     MAX_EXPIRES_IN_SECONDS,
     MAX_TOKEN_CHARS,
@@ -195,3 +196,22 @@ def test_hostile_answers_from_the_idp_are_refused_or_bounded(
     assert tokend.stop() == 0
     assert tokend.events("_non_json") == []
     assert tokend.events("request_failed") == []
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "https://[::1/token",
+        "https://idp.example:99999/token",
+        "https://idp.example:port/token",
+        "https://idp.example/token\r\nX-Injected: 1",
+        "https://idp.example/\ttoken",
+        "https:///token",
+    ],
+)
+def test_discovery_documents_with_broken_token_endpoints_are_refused(endpoint: str) -> None:
+    body = json.dumps({"token_endpoint": endpoint}).encode()
+    with pytest.raises(DiscoveryError) as info:
+        token_endpoint_from_metadata(body, "https://idp.example")
+    assert "unusable token_endpoint" in str(info.value)
+    assert "\n" not in str(info.value)

@@ -375,7 +375,9 @@ def test_accounts_show_state_and_never_a_token(
         "last_refresh_at",
         "next_refresh_at",
         "last_error",
+        "publish_error",
     }
+    assert alice["publish_error"] is None
     assert alice["provider"] == "idp" and alice["state"] in {"valid", "queued", "refreshing"}
     assert alice["token_valid"] is True and alice["required"] is True
     assert alice["next_refresh_at"] >= int(time.time()) - 1

@@ -277,7 +277,7 @@ def format_status(accounts: list[dict[str, Any]], now: float) -> str:
                 _expires_in(expires_at, now),
                 _ago(a.get("last_refresh_at"), now),
                 _until(a.get("next_refresh_at"), now),
-                _truncate(a.get("last_error") or "-", _LAST_ERROR_WIDTH),
+                _truncate(_error_column(a), _LAST_ERROR_WIDTH),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
@@ -286,6 +286,16 @@ def format_status(accounts: list[dict[str, Any]], now: float) -> str:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
         lines.append("  ".join([*cells, row[-1]]).rstrip())
     return "\n".join(lines) + "\n"
+
+
+def _error_column(account: dict[str, Any]) -> str:
+    """LAST ERROR: token files that cannot be written come first."""
+    publish_error = account.get("publish_error")
+    last_error = account.get("last_error")
+    if publish_error:
+        text = f"token files not written: {publish_error}"
+        return f"{text}; {last_error}" if last_error else text
+    return str(last_error or "-")
 
 
 def _duration(seconds: float) -> str:

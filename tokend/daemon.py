@@ -35,6 +35,9 @@ _log = logs.get_logger()
 
 # A server run in the daemon's task group: ``await service(task_status=...)``.
 Service = Callable[..., Coroutine[Any, Any, None]]
+# How often token files that could not be written are looked at again (each account
+# backs off on its own; see TokenFiles.retry_failed).
+_PUBLISH_RETRY_TICK = 1.0
 
 
 def build_clients(config: Config) -> tuple[dict[str, ProviderClient], dict[str, str]]:
@@ -229,6 +232,7 @@ class Daemon:
                     group.start_soon(engine.follow, changes)
                 group.start_soon(self._handle_signals, engine, group)
                 await self._seed_tasks(engine, group)
+                group.start_soon(self._retry_failed_publishing, engine)
                 # Services answer while the engine runs and drains, then stop with it.
                 for service in self._services(engine):
                     await group.start(service)
@@ -275,6 +279,13 @@ class Daemon:
             _log.info("once_done", ok=ok, accounts_without_token=missing)
         return 0 if ok else 1
 
+    async def _retry_failed_publishing(self, engine: Engine) -> None:
+        while True:
+            await anyio.sleep(_PUBLISH_RETRY_TICK)
+            for publisher in engine.publishers:
+                if isinstance(publisher, TokenFiles):
+                    await publisher.retry_failed()
+
     async def _handle_signals(self, engine: Engine, group: TaskGroup) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
@@ -317,6 +328,11 @@ class Daemon:
             for client in clients.values():
                 await client.aclose()
             return
+        # What the token files being replaced still owe (files not written) carries over.
+        for old in engine.publishers:
+            for new in publishers:
+                if isinstance(old, TokenFiles) and isinstance(new, TokenFiles):
+                    new.inherit_failures(old)
         # The new publishers first: an added account's files start with it.
         # Vault seeds are re-read where their secret's version moved (and new ones read).
         await self.seeds.sync(config.accounts)

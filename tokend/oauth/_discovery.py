@@ -3,6 +3,7 @@ revocation use), fetched once and shared."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -14,6 +15,7 @@ from tokend.oauth._http import read_capped
 from tokend.oauth._parse import clean_text, decode_json_object
 
 WELL_KNOWN_PATH = "/.well-known/openid-configuration"
+_VISIBLE = re.compile(r"[\x21-\x7e]+")
 
 
 class DiscoveryError(Exception):
@@ -87,10 +89,16 @@ def endpoints_from_metadata(body: bytes, issuer: str) -> Endpoints:
 
 
 def _checked_endpoint(endpoint: str, name: str, issuer: str) -> str:
-    parts = urlsplit(endpoint)
+    try:
+        parts = urlsplit(endpoint)
+        hostname = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError:  # "Invalid IPv6 URL", a port that is not a number
+        hostname = None
     # Client credentials go to this URL, so it may not drop TLS the issuer itself uses.
     allowed = ("https", "http") if urlsplit(issuer).scheme == "http" else ("https",)
-    if parts.scheme not in allowed or not parts.hostname:
+    # urlsplit quietly drops tabs and line breaks; a URL holding them is not usable.
+    if not hostname or parts.scheme not in allowed or not _VISIBLE.fullmatch(endpoint):
         shown = clean_text(endpoint) or "?"
         raise DiscoveryError(f"discovery document of {issuer} gives an unusable {name} {shown!r}")
     return endpoint

@@ -16,8 +16,9 @@ On the unix socket::
         application caused (the token tokend holds is then likely the new one).
     GET  /v1/accounts
         200 {"accounts": [{"name", "provider", "state", "required", "token_valid",
-        "expires_at", "last_refresh_at", "next_refresh_at", "last_error"}]}, sorted by
-        name; never a token.
+        "expires_at", "last_refresh_at", "next_refresh_at", "last_error",
+        "publish_error"}]}, sorted by name; never a token. publish_error: why the
+        account's token files do not show its current token (null when they do).
     PUT  /v1/accounts/{account}/seed    body {"refresh_token": "..."}
         A new seed from a sign-in (``tokend login``), accepted only from the daemon's
         own uid or root (SO_PEERCRED). Written to the account's seed file when it has
@@ -27,7 +28,8 @@ On the unix socket::
         account), 503 {"error": "store_unavailable"} when it could not be committed.
     GET  /healthz   200 while the process and its event loop answer.
     GET  /readyz    200 {"ready": true}, or 503 {"ready": false, "not_ready": [...]}
-                    while a required account holds no valid token.
+                    while a required account holds no valid token or its token
+                    files cannot be written (then also "publish_errors": {name: why}).
     GET  /metrics   the Prometheus exposition (gzip if Accept-Encoding allows it).
 
 Errors are JSON: 404 {"error": "unknown_account"} or {"error": "not_found"}, 403
@@ -55,6 +57,7 @@ import orjson
 
 from tokend.config import ServeConfig
 from tokend.model import AccountState, TokenSet
+from tokend.publish._base import ReportingPublisher
 from tokend.publish._http import (
     TEXT_TYPE,
     Reply,
@@ -75,6 +78,9 @@ _REFRESH_SUFFIX = b"/refresh"
 _ACCOUNTS_PREFIX = b"/v1/accounts/"
 _SEED_SUFFIX = b"/seed"
 _SECONDS = re.compile(rb"[0-9]{1,9}(?:\.[0-9]{1,6})?")
+
+# Accounts whose publish error /readyz spells out (/v1/accounts has them all).
+_MAX_PUBLISH_ERRORS_SHOWN = 100
 
 _NOT_FOUND = error_response(404, "not_found")
 _UNKNOWN_ACCOUNT = error_response(404, "unknown_account")
@@ -371,15 +377,31 @@ class Api:
             account = await self._engine.force_refresh(name, self._wait_max)
         except KeyError:
             return self._reply("seed", 404, _UNKNOWN_ACCOUNT)
-        return self._reply("seed", 200, json_response(200, _account_view(account, self._now())))
+        view = _account_view(account, self._now(), self._publish_failures().get(name))
+        return self._reply("seed", 200, json_response(200, view))
 
     # -- state, probes, metrics -----------------------------------------------------------------
+
+    def _publish_failures(self) -> dict[str, str]:
+        failures: dict[str, str] = {}
+        for publisher in self._engine.publishers:
+            if isinstance(publisher, ReportingPublisher):
+                for name, why in publisher.failures().items():
+                    failures.setdefault(name, why)
+        return failures
 
     def _accounts(self) -> bytes:
         now = self._now()
         accounts = self._engine.accounts
+        failures = self._publish_failures()
         return json_response(
-            200, {"accounts": [_account_view(accounts[name], now) for name in sorted(accounts)]}
+            200,
+            {
+                "accounts": [
+                    _account_view(accounts[name], now, failures.get(name))
+                    for name in sorted(accounts)
+                ]
+            },
         )
 
     def _readyz(self) -> bytes:
@@ -387,16 +409,25 @@ class Api:
         store_problem = self._engine.store_problem
         # Shown, but not a reason to stop serving: the rotated tokens are stored locally.
         pending = self._engine.writeback_pending()
-        if not not_ready and store_problem is None:
+        accounts = self._engine.accounts
+        failing = {
+            name: why
+            for name, why in sorted(self._publish_failures().items())
+            if (account := accounts.get(name)) is not None and account.config.required
+        }
+        if not not_ready and store_problem is None and not failing:
             if pending:
                 ready = {"ready": True, "vault_writeback_pending": pending}
                 return self._reply("readyz", 200, json_response(200, ready))
             return self._reply("readyz", 200, _READY)
-        answer: dict[str, object] = {"ready": False, "not_ready": not_ready}
+        answer: dict[str, object] = {"ready": False, "not_ready": sorted({*not_ready, *failing})}
         if store_problem is not None:
             answer["store"] = {"degraded": True, "error": store_problem}
         if pending:
             answer["vault_writeback_pending"] = pending
+        if failing:
+            # Bounded: a dead token volume fails every account at once.
+            answer["publish_errors"] = dict(list(failing.items())[:_MAX_PUBLISH_ERRORS_SHOWN])
         return self._reply("readyz", 503, json_response(503, answer))
 
     async def _render_metrics(self, accept_encoding: bytes | None) -> bytes:
@@ -509,7 +540,9 @@ def _epoch(ts: float | None) -> int | None:
     return None if ts is None else int(ts)
 
 
-def _account_view(account: Account, now: float) -> dict[str, object]:
+def _account_view(
+    account: Account, now: float, publish_error: str | None = None
+) -> dict[str, object]:
     token = account.published
     view: dict[str, object] = {
         "name": account.name,
@@ -523,6 +556,7 @@ def _account_view(account: Account, now: float) -> dict[str, object]:
         # token is fine, the retry after a failure; null when none is (needs_reauth).
         "next_refresh_at": _epoch(account.next_attempt_at),
         "last_error": account.last_error,
+        "publish_error": publish_error,
     }
     if account.config.writes_back:
         view["vault_writeback_pending"] = account.writeback_pending

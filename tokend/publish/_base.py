@@ -19,6 +19,20 @@ class Publisher(Protocol):
 
 
 @runtime_checkable
+class ReportingPublisher(Publisher, Protocol):
+    """A publisher that knows which accounts it could not publish for (a token file
+    that cannot be written): the API, readiness and metrics show them."""
+
+    publisher_name: str
+    # Failed attempts so far (a counter).
+    errors_total: int
+
+    def failures(self) -> dict[str, str]:
+        """Accounts whose published form is not their current token, and why."""
+        ...
+
+
+@runtime_checkable
 class ExpiringPublisher(Publisher, Protocol):
     """A publisher that must act when a token expires with no replacement, so an
     expired token is never left looking valid (a file an application keeps reading)."""

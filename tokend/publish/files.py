@@ -53,6 +53,17 @@ that file-watching health checks notice - rather than sending an expired token a
 puzzling over 401s; an empty file would be read as an empty token and sent as
 ``Authorization: Bearer``. The next publish restores every file, in one swap.
 
+Failures
+--------
+A write that fails (a read-only or immutable directory, a full volume) leaves the
+files as they were. The account is then listed by :meth:`TokenFiles.failures` (shown
+by ``tokend status``, ``/v1/accounts``, ``/readyz`` and the metrics) until a write
+succeeds; :meth:`TokenFiles.retry_failed`, called every second by the daemon, tries
+again with backoff (1 s doubling to 10 s). Meanwhile the files still show the older
+token; once it has expired, the expired version replaces it, or if even that cannot
+be written, ``..data`` is removed so that every file dangles: stale files never go on
+looking valid.
+
 Templates
 ---------
 Outputs are rendered from templates such as ``"Authorization: Bearer {access_token}"``
@@ -113,6 +124,9 @@ _LOCK_STRIPES = 1024
 # anyio's shared default one: a slow or hung token volume (NFS, a full disk retrying)
 # must not take every thread the store's commits and the metrics need.
 _IO_THREADS = 8
+# Retrying the accounts whose files could not be written.
+_RETRY_FIRST = 1.0
+_RETRY_MAX = 10.0
 # How long a scan of the token directory may stand in for looking at an account's
 # files: long enough for a restart's republishing, short enough that files changed by
 # hand later are looked at again.
@@ -214,6 +228,29 @@ class _Written:
     expires_at: float | None
 
 
+@dataclass(slots=True)
+class _Failure:
+    """An account whose files do not show what they should."""
+
+    error: str
+    since: float  # unix seconds, the first failure
+    # The token the files should show; None when they should show the expired version.
+    token: TokenSet | None
+    # Expiry of the token the files still show, when known.
+    shown_expires_at: float | None
+    retry_at: float  # monotonic
+    delay: float = _RETRY_FIRST
+    # The files show a token that has expired, and neither the expired version nor
+    # removing ..data could be written.
+    stale: bool = False
+
+
+def _error_text(exc: BaseException, fallback: Path) -> str:
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or type(exc).__name__}: {exc.filename or fallback}"
+    return f"{type(exc).__name__} writing {fallback}"
+
+
 def _current_version(account_dir: Path) -> str | None:
     try:
         return os.readlink(account_dir / DATA)
@@ -235,6 +272,8 @@ class TokenFiles:
     their extra files. Raises ValueError for an unknown user or group, or an output
     whose template or name is not allowed.
     """
+
+    publisher_name = "token_files"
 
     def __init__(
         self,
@@ -273,6 +312,9 @@ class TokenFiles:
         self._scanned_at: float | None = None
         self._scan_lock: anyio.Lock | None = None
         self._io_limiter: anyio.CapacityLimiter | None = None
+        self._failing: dict[str, _Failure] = {}
+        # Writes that failed, ever (a counter for the metrics).
+        self.errors_total = 0
 
     # -- shape of an account's files --------------------------------------------------
 
@@ -337,11 +379,14 @@ class TokenFiles:
                 return
             files = self._render(account, token, self.clock.time())
             written = _Written(fingerprint, token.expires_at)
-            ok, _ = await self._run(
+            error, _ = await self._run(
                 "token_file_write_failed", account, self._swap_in, account, written, files, known
             )
-            if ok:
+            if error is None:
                 self._written[account] = written
+                self._recovered(account)
+            else:
+                self._failed(account, error, token, known)
 
     async def expire(self, account: str, now: float | None = None) -> bool:
         """Replace ``account``'s files with the expired version (see the module doc) if
@@ -358,10 +403,15 @@ class TokenFiles:
             known = self._written.get(account)
             if known is not None and (known.expires_at is None or known.expires_at > now):
                 return False
-            ok, result = await self._run(
+            error, result = await self._run(
                 "token_file_expire_failed", account, self._expire_sync, account, now, known
             )
-            if not ok or result is None:
+            if error is not None:
+                self._failed(account, error, None, known)
+                return False
+            # The files now show nothing that looks valid beyond its expiry.
+            self._recovered(account)
+            if result is None:
                 return False
             changed, written = result
             self._written[account] = written
@@ -370,27 +420,147 @@ class TokenFiles:
     async def withdraw(self, account: str) -> None:
         async with self._lock(account):
             self._forget(account)
+            # The account is gone: nothing about it is owed any more.
+            self._failing.pop(account, None)
             await self._run("token_file_withdraw_failed", account, self._withdraw_sync, account)
+
+    # -- failures ---------------------------------------------------------------------
+
+    def failures(self) -> dict[str, str]:
+        """Accounts whose files do not show their current token, and why."""
+        return {
+            name: failure.error
+            + ("; the files still show an expired token" if failure.stale else "")
+            for name, failure in self._failing.items()
+        }
+
+    def inherit_failures(self, previous: TokenFiles) -> None:
+        """Take over what ``previous`` (the publisher a reload replaces) still owes."""
+        for name, failure in previous._failing.items():
+            self._failing.setdefault(name, failure)
+        self.errors_total += previous.errors_total
+
+    def _failed(
+        self, account: str, error: str, token: TokenSet | None, known: _Written | None
+    ) -> None:
+        self.errors_total += 1
+        failure = self._failing.get(account)
+        if failure is None:
+            shown = known.expires_at if known is not None else None
+            self._failing[account] = _Failure(
+                error,
+                self.clock.time(),
+                token,
+                shown,
+                self.clock.monotonic() + _RETRY_FIRST,
+            )
+            return
+        failure.error = error
+        failure.token = token
+        failure.delay = min(failure.delay * 2, _RETRY_MAX)
+        failure.retry_at = self.clock.monotonic() + failure.delay
+
+    def _recovered(self, account: str) -> None:
+        failure = self._failing.pop(account, None)
+        if failure is not None:
+            _log.info(
+                "token_files_recovered",
+                account=account,
+                failing_for_s=round(self.clock.time() - failure.since, 1),
+            )
+
+    async def retry_failed(self) -> None:
+        """Try again for the accounts whose files could not be written (those due),
+        and make sure none of them goes on showing a token that has expired."""
+        now = self.clock.time()
+        monotonic = self.clock.monotonic()
+        for account, failure in list(self._failing.items()):
+            expired_shown = failure.shown_expires_at is not None and failure.shown_expires_at <= now
+            due = failure.retry_at <= monotonic or (expired_shown and not failure.stale)
+            if not due:
+                continue
+            token = failure.token
+            if token is not None and token.expires_at > now:
+                await self.publish(account, token)
+            else:
+                await self.expire(account, now)
+            still = self._failing.get(account)
+            if still is not None:
+                await self._hide_if_expired(account, still, now)
+
+    async def _hide_if_expired(self, account: str, failure: _Failure, now: float) -> None:
+        """The expired version could not be written: if the files show an expired
+        token, remove ``..data`` (every file then dangles)."""
+        async with self._lock(account):
+            if account not in self._failing:
+                return
+            try:
+                hidden = await anyio.to_thread.run_sync(
+                    self._hide_expired_sync, account, now, limiter=self._limiter()
+                )
+            except OSError as exc:
+                if not failure.stale:
+                    _log.error(
+                        "token_file_stale",
+                        account=account,
+                        error=_error_text(exc, self.root / account),
+                        detail="the files show an expired token and cannot be changed",
+                    )
+                failure.stale = True
+                return
+            failure.stale = False
+            if hidden:
+                failure.shown_expires_at = None
+                self._forget(account)
+                _log.warning(
+                    "token_files_hidden",
+                    account=account,
+                    detail="the expired token's files are unlinked until a write succeeds",
+                )
+
+    def _hide_expired_sync(self, account: str, now: float) -> bool:
+        """Remove ``ACCOUNT/..data`` if the ``token.json`` it leads to shows a token
+        that has expired by ``now`` (not the expired version). True if removed."""
+        account_dir = self.root / account
+        try:
+            document = orjson.loads((account_dir / TOKEN_JSON).read_bytes())
+        except FileNotFoundError:
+            return False
+        except (OSError, orjson.JSONDecodeError):
+            document = {}
+        if isinstance(document, dict):
+            if document.get("expired") is True:
+                return False
+            expires_at = document.get("expires_at")
+            if isinstance(expires_at, int | float) and expires_at > now:
+                return False
+        os.unlink(account_dir / DATA)
+        fsync_dir(account_dir)
+        return True
 
     async def _run(
         self, event: str, account: str, func: Callable[..., _T], *args: object
-    ) -> tuple[bool, _T | None]:
-        """Run ``func`` in a worker thread; log, never raise, when it fails."""
+    ) -> tuple[str | None, _T | None]:
+        """Run ``func`` in a worker thread; log, never raise, when it fails. Returns
+        ``(None, result)``, or ``(why, None)`` when it failed."""
         try:
-            return True, await anyio.to_thread.run_sync(func, *args, limiter=self._limiter())
+            return None, await anyio.to_thread.run_sync(func, *args, limiter=self._limiter())
         except OSError as exc:
             # What is on disk is now uncertain: the next publish looks at it again.
             self._forget(account)
-            _log.error(
+            # Retries for an account already failing log at debug: one line per episode.
+            log = _log.debug if account in self._failing else _log.error
+            log(
                 event,
                 account=account,
                 path=str(exc.filename or self.root / account),
                 error=exc.strerror or str(exc),
             )
-        except Exception:
+            return _error_text(exc, self.root / account), None
+        except Exception as exc:
             self._forget(account)
             _log.exception(event, account=account)
-        return False, None
+            return _error_text(exc, self.root / account), None
 
     async def _scanned(self, account: str) -> str | None:
         """The fingerprint of ``account``'s version on disk, if a scan found its files

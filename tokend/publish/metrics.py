@@ -42,6 +42,11 @@ The engine's view, computed at scrape time:
 ``tokend_store_degraded`` gauge
     1 while the durable store is unsound (its file was deleted or replaced and not
     yet rebuilt, say), else 0. Rotated tokens may not be durable meanwhile.
+``tokend_publish_failing{publisher}`` gauge
+    Accounts whose published form does not show their current token (``publisher``
+    ``token_files``: files that cannot be written); 0 when all is well.
+``tokend_publish_errors_total{publisher}`` counter
+    Failed attempts to publish (each write that failed, retries included).
 
 Opt-in with ``serve.per_account_metrics: true`` (one series per account, so a label
 per account; off by default to keep cardinality bounded by providers and states):
@@ -101,6 +106,7 @@ from tokend.config import ServeConfig
 from tokend.model import AccountState, TokenSet
 from tokend.oauth import FailureKind
 from tokend.policy import BreakerState, BreakerStatus
+from tokend.publish._base import ReportingPublisher
 
 if TYPE_CHECKING:
     from tokend.clock import Clock
@@ -214,6 +220,8 @@ class _Snapshot:
     account_names: list[str] | None = None
     account_states: list[AccountState] | None = None
     account_expiries: list[float | None] | None = None
+    # (publisher, accounts failing, errors so far) for publishers that report failures.
+    publishers: list[tuple[str, int, int]] = field(default_factory=list)
 
 
 def _tally(
@@ -305,6 +313,21 @@ class _SnapshotCollector:
         )
         store.add_metric([], 1.0 if self.snapshot.store_degraded else 0.0)
         yield from (accounts, min_remaining, remaining, circuit, permanent, store)
+        if self.snapshot.publishers:
+            failing = GaugeMetricFamily(
+                "tokend_publish_failing",
+                "Accounts whose published form does not show their current token.",
+                labels=["publisher"],
+            )
+            errors = CounterMetricFamily(
+                "tokend_publish_errors",
+                "Failed attempts to publish a token (retries included).",
+                labels=["publisher"],
+            )
+            for publisher, count, total in self.snapshot.publishers:
+                failing.add_metric([publisher], count)
+                errors.add_metric([publisher], total)
+            yield from (failing, errors)
 
 
 _EXPIRY_HEADER = (
@@ -558,6 +581,15 @@ class Metrics:
             breaker = runtime.breaker
             tallies[name] = _ProviderTally(circuit=breaker.status, permanent=breaker.permanent)
         snapshot = _Snapshot(tallies, store_degraded=engine.store_problem is not None)
+        for publisher in getattr(engine, "publishers", ()):
+            if isinstance(publisher, ReportingPublisher):
+                snapshot.publishers.append(
+                    (
+                        publisher.publisher_name,
+                        len(publisher.failures()),
+                        publisher.errors_total,
+                    )
+                )
         names = None
         if self.serve.per_account_metrics:
             names = snapshot.account_names = []
