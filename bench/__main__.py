@@ -1,4 +1,5 @@
 """``python -m bench [--quick] [--only NAME ...]``: run the benchmarks, print one table.
+``python -m bench fuzz ...``: the fuzzing targets (see bench/fuzz.py).
 
 Each benchmark module has ``run(options) -> list[Row]``. The table is Markdown, so a
 run can be pasted into BENCHMARKS.md as it is.
@@ -45,6 +46,11 @@ def render(rows: list[Row]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args_in = sys.argv[1:] if argv is None else argv
+    if args_in[:1] == ["fuzz"]:
+        from bench.fuzz import main as fuzz
+
+        return fuzz(args_in[1:])
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer samples (about 2 min)")
     parser.add_argument(
