@@ -16,8 +16,16 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
+from tests._canary import CANARY
 from tests.etcd_cluster import EtcdCluster
-from tests.idp_harness import IdP, default_clients, make_test_keys
+from tests.idp_harness import (
+    BASIC_SECRET,
+    CC_SECRET,
+    POST_SECRET,
+    IdP,
+    default_clients,
+    make_test_keys,
+)
 from tests.vault_harness import Bao
 
 T = TypeVar("T")
@@ -36,6 +44,34 @@ def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
         time.sleep(interval)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The secrets canary reads what every other test made tokend write: it runs last.
+    last = [item for item in items if Path(str(item.fspath)).name == "test_secrets_canary.py"]
+    if last:
+        items[:] = [item for item in items if item not in last] + last
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _canary_records_cli_output() -> Iterator[None]:
+    """Keep the output of every tokend command a test runs, for the secrets canary."""
+    real_run = subprocess.run
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        result = real_run(*args, **kwargs)
+        argv = args[0] if args else kwargs.get("args")
+        if isinstance(argv, list | tuple) and any(str(a).endswith("tokend") for a in argv):
+            label = "cli: " + " ".join(str(a) for a in argv[-6:])
+            CANARY.note_output(label, result.stdout)
+            CANARY.note_output(label, result.stderr)
+        return result
+
+    subprocess.run = run  # type: ignore[assignment]
+    for secret in (BASIC_SECRET, POST_SECRET, CC_SECRET):
+        CANARY.add_secret(secret)
+    yield
+    subprocess.run = real_run
 
 
 @pytest.fixture(scope="session")
@@ -89,6 +125,8 @@ def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bao]:
 @pytest.fixture
 def fresh_idp(idp: IdP) -> IdP:
     """The session IdP with faults off, default settings and an empty request log."""
+    # The refresh tokens presented so far, for the secrets canary, before the log goes.
+    CANARY.note_idp_log(idp.log())
     idp.reset()
     return idp
 
@@ -101,6 +139,7 @@ class Tokend:
         self.config = config
         self.config_path = workdir / "config.yaml"
         self.log_path = workdir / "tokend.log"
+        CANARY.log_paths.add(self.log_path)
         self.proc: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
         self._events: list[dict[str, Any]] = []
@@ -109,6 +148,7 @@ class Tokend:
         if config is not None:
             self.config = config
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
+        CANARY.note_config(self.config, self.workdir)
 
     def command(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "tokend", *args]

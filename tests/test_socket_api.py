@@ -30,6 +30,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests._canary import CANARY
 from tests.conftest import Tokend, base_config, wait_until
 from tests.idp_harness import IdP
 from tokend.publish._http import HttpError, parse_head
@@ -94,6 +95,7 @@ class RawClient:
         while len(self.buffer) < length:
             self._fill()
         body, self.buffer = self.buffer[:length], self.buffer[length:]
+        CANARY.note_output(f"socket answer ({status_line})", body)
         return Response(int(status_line.split(" ")[1]), headers, body)
 
     def _fill(self) -> None:
