@@ -21,7 +21,7 @@ import anyio
 import httpx
 import pytest
 
-from tests.conftest import Tokend
+from tests.conftest import Tokend, wait_until
 from tests.idp_harness import IdP
 from tests.test_socket_api import (
     add_account,
@@ -59,6 +59,12 @@ def served(fresh_idp: IdP, tokend_factory: Any, short_dir: Path) -> tuple[Tokend
     wait_for_token(sock, "alice")
     wait_for_token(sock, "bob")
     tokend.wait_event("refresh", account="carol", outcome="account_permanent")
+    # The socket hands out a token as soon as it is committed; its files follow.
+    for account in ("alice", "bob"):
+        wait_until(
+            lambda: (tokend.workdir / "tokens" / account / "token.json").exists(),  # noqa: B023
+            what=f"{account}'s token files",
+        )
     return tokend, sock, seeds
 
 
