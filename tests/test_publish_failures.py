@@ -164,5 +164,5 @@ def test_unwritable_token_files_are_shown_and_never_left_looking_valid(
         remount(tiny_token_dir, read_only=False)
     wait_until(lambda: readyz(sock)[0] == 200, timeout=15, what="recovery")
     assert tokend.stop() == 0
-    # One error line per failure episode, not one per retry.
-    assert len(tokend.events("token_file_write_failed")) <= 4
+    # One error line per failure episode (two here), not one per retry.
+    assert len(tokend.events("token_file_write_failed", level="error")) in (2, 3)

@@ -409,10 +409,15 @@ class TokenFiles:
             if error is not None:
                 self._failed(account, error, None, known)
                 return False
-            # The files now show nothing that looks valid beyond its expiry.
-            self._recovered(account)
             if result is None:
+                # No files (or a valid token in them): nothing is owed, unless a newer
+                # token is still waiting to be written.
+                failure = self._failing.get(account)
+                if failure is not None and failure.token is None:
+                    self._recovered(account)
                 return False
+            # The files show the expired version: nothing looks valid past its expiry.
+            self._recovered(account)
             changed, written = result
             self._written[account] = written
             return bool(changed)
