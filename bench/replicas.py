@@ -1,9 +1,9 @@
 """3 replicas sharing 10,000 accounts through a 3-member etcd cluster.
 
 The cluster is Debian's etcd (3 members on loopback, as in the tests); the IdP is the
-test IdP with rotation on and 120 s access tokens. Every account starts with a real
+test IdP with rotation on and 600 s access tokens. Every account starts with a real
 seed and a stored record whose (fake) access token was issued at a random moment of
-the last 120 s, as in a fleet that has been running for a while: refreshes then come
+the last 450 s, as in a fleet that has been running for a while: refreshes then come
 at the steady rate (about accounts / 450 s: 22/s for 10,000), not in one burst.
 
 * etcd requests per refresh: the members' own counters (``grpc_server_handled_total``
@@ -12,11 +12,13 @@ at the steady rate (about accounts / 450 s: 22/s for 10,000), not in one burst.
   owner keys); LeaseKeepAlive is per replica, not per refresh, and shown apart.
 * etcd bytes per refresh: the members' client gRPC bytes in and out (requests,
   answers and the watch events sent to the other replicas) over the same window.
-* Takeover: one replica is killed with SIGKILL; the time until every one of its
-  accounts has an owner key of another replica (lease TTL 5 s: etcd deletes the dead
-  lease's keys after it, then the survivors acquire them).
+* Takeover: one replica is stopped (SIGSTOP), its in-flight marks are read, and it is
+  killed (SIGKILL); the time from the stop until every account has an owner key again
+  (etcd deletes the dead lease's keys after the 5 s TTL, then the others acquire them).
 * RSS per replica: VmRSS of each replica in the steady state.
-* Reuse: refresh tokens the IdP saw more than once over the whole run (0 expected).
+* Reuse: refresh tokens the IdP saw more than once over the whole run, beside the dead
+  replica's refreshes that were at the IdP when it was killed: with no reuse grace,
+  each of those is a rotation lost by nature, and its retry by the new owner is a reuse.
 """
 
 from __future__ import annotations
@@ -114,6 +116,22 @@ def populate(endpoints: list[str], key_file: Path, seeds: dict[str, str]) -> Non
             await store.close()
 
     anyio.run(fill)
+
+
+def read_records(cluster: Any, key_file: Path) -> dict[str, dict[str, Any]]:
+    """Every record as stored: its writer and the decrypted body."""
+    import orjson
+
+    from tokend.store._crypto import RecordCipher, load_key
+
+    cipher = RecordCipher(load_key(key_file))
+    out = {}
+    for key, kv in cluster.get_prefix(PREFIX + "accounts/").items():
+        account = key.rsplit("/", 1)[1]
+        envelope = orjson.loads(kv["value"])
+        body = orjson.loads(cipher.open(account, base64.b64decode(envelope["sealed"])))
+        out[account] = {"by": envelope["by"], **body}
+    return out
 
 
 def replica_id(tokend: Tokend) -> str:
@@ -214,19 +232,34 @@ def run(options: Options) -> list[Row]:
             victim_id = ids[-1]
             victim_accounts = spread[victim_id]
             assert victim.proc is not None
+            # Stopped first, to read which of its refreshes are at the IdP now: a kill
+            # between sending a refresh token and committing the answer loses that
+            # rotation by nature (the IdP here has no reuse grace).
+            victim.proc.send_signal(signal.SIGSTOP)
+            stopped = time.monotonic()
+            in_flight = sum(
+                1
+                for rec in read_records(cluster, key_file).values()
+                if rec["by"] == victim_id and rec["flight"]
+            )
             victim.proc.send_signal(signal.SIGKILL)
             victim.proc.wait(10)
-            killed = time.monotonic()
+            # Its owner keys go when its lease expires; then the others acquire them.
             wait_for(
-                lambda: (
-                    owners(cluster)[victim_id] == 0
-                    and sum(owners(cluster)[i] for i in ids[:-1]) == n
-                ),
+                lambda: cluster.count_prefix(PREFIX + "owners/") < n,
                 timeout=60,
+                interval=0.05,
+                what="the dead replica's lease expiring",
+            )
+            expired = time.monotonic() - stopped
+            wait_for(
+                lambda: cluster.count_prefix(PREFIX + "owners/") == n,
+                timeout=120,
                 interval=0.05,
                 what="takeover",
             )
-            takeover = time.monotonic() - killed
+            takeover = time.monotonic() - stopped
+            assert owners(cluster)[victim_id] == 0
 
             counts = Counter(
                 e["refresh_token_sha256"]
@@ -260,8 +293,8 @@ def run(options: Options) -> list[Row]:
             f"{delta['bytes'] / per:,.0f} B",
         ),
         Row(
-            f"takeover after SIGKILL of a replica ({victim_accounts:,} accounts)",
-            f"{takeover:.2f} s",
+            f"takeover after SIGSTOP+SIGKILL of a replica ({victim_accounts:,} accounts)",
+            f"{takeover:.2f} s (lease gone after {expired:.2f} s)",
             f"lease TTL {LEASE_TTL:g} s",
             f"{takeover / LEASE_TTL:.2f}x",
             goal=f"<= TTL + 1 s ({LEASE_TTL + 1:g} s)",
@@ -274,8 +307,9 @@ def run(options: Options) -> list[Row]:
         Row(
             "refresh tokens presented twice at the IdP (whole run)",
             str(reused),
-            f"invalid_grant answers: {errors}",
-            goal="0",
-            met=reused == 0,
+            f"victim's refreshes in flight at the kill: {in_flight}",
+            goal="<= in flight at the kill (0 with a reuse grace)",
+            met=reused <= in_flight,
+            notes=[f"invalid_grant answers: {errors}"],
         ),
     ]

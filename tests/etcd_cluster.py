@@ -231,6 +231,18 @@ class EtcdCluster:
             out[unb64(kv["key"]).decode()] = kv
         return out
 
+    def count_prefix(self, prefix: str) -> int:
+        """How many keys start with ``prefix`` (cheap: no values are sent)."""
+        end = bytearray(prefix.encode())
+        end[-1] += 1
+        body = self._post(
+            "/v3/kv/range",
+            {"key": b64(prefix), "range_end": b64(bytes(end)), "count_only": True},
+            timeout=10.0,
+            attempt=2.0,
+        )
+        return int(body.get("count", 0))
+
     def delete_prefix(self, prefix: str) -> None:
         end = bytearray(prefix.encode())
         end[-1] += 1

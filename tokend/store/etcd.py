@@ -77,6 +77,8 @@ _log = get_logger()
 
 # Owner keys acquired per txn (etcd allows 128 operations per txn branch by default).
 _ACQUIRE_BATCH: Final = 64
+# Batches in flight at once during a takeover.
+_ACQUIRE_PARALLEL: Final = 8
 _ENVELOPE_VERSION: Final = 1
 _SWEEP_INTERVAL: Final = 3.0
 
@@ -619,46 +621,65 @@ class EtcdStore:
             await self._release_keys(give)
             _log.info("etcd_accounts_released", count=len(give), held=len(st.held))
         if want:
-            got = await self._acquire(sorted(want))
+            got = await self._acquire(sorted(want), announce=True)
             if got:
                 self.takeovers += len(got)
                 _log.info("etcd_accounts_acquired", count=len(got), held=len(st.held))
-                await self._tell(AccountsAcquired(tuple(got)))
 
-    async def _acquire(self, accounts: Sequence[str]) -> list[str]:
-        """Create the owner keys of ``accounts`` that are free, bound to the lease."""
+    async def _acquire(self, accounts: Sequence[str], *, announce: bool = False) -> list[str]:
+        """Create the owner keys of ``accounts`` that are free, bound to the lease, a
+        batch per txn and a few batches at once. ``announce``: tell the follower about
+        each batch as it lands, so a takeover of thousands of accounts starts
+        refreshing the first ones while the rest are still being acquired."""
+        got: list[str] = []
+        batches = iter(
+            [accounts[i : i + _ACQUIRE_BATCH] for i in range(0, len(accounts), _ACQUIRE_BATCH)]
+        )
+
+        async def worker() -> None:
+            for batch in batches:
+                won = await self._acquire_batch(batch)
+                got.extend(won)
+                if announce and won:
+                    await self._tell(AccountsAcquired(tuple(won)))
+
+        async with anyio.create_task_group() as group:
+            for _ in range(min(_ACQUIRE_PARALLEL, -(-len(accounts) // _ACQUIRE_BATCH))):
+                group.start_soon(worker)
+        return got
+
+    async def _acquire_batch(self, accounts: Sequence[str]) -> list[str]:
         client = self.client
         st = self._state
         lease = self._lease
         me = self.replica_id.encode()
         got: list[str] = []
-        for start in range(0, len(accounts), _ACQUIRE_BATCH):
-            pending = list(accounts[start : start + _ACQUIRE_BATCH])
-            while pending:
-                keys = [self._owner_key(a) for a in pending]
-                result = await client.txn(
-                    [compare_create(k, 0) for k in keys],
-                    [op_put(k, me, lease) for k in keys],
-                    [op_range(k) for k in keys],
-                )
-                if result.succeeded:
-                    for account in pending:
-                        st.held[account] = result.revision
-                        st.owners[account] = (self.replica_id, result.revision)
-                    got.extend(pending)
-                    break
-                free = []
-                for account, found in zip(pending, result.ranges, strict=True):
-                    if not found:
-                        free.append(account)
-                        continue
-                    kv = found[0]
-                    st.owners[account] = (kv.value.decode(), kv.create_revision)
-                    if kv.lease == lease and kv.value == me:
-                        # An earlier attempt timed out after committing: it is ours.
-                        st.held[account] = kv.create_revision
-                        got.append(account)
-                pending = free
+        pending = list(accounts)
+        while pending:
+            keys = [self._owner_key(a) for a in pending]
+            result = await client.txn(
+                [compare_create(k, 0) for k in keys],
+                [op_put(k, me, lease) for k in keys],
+                [op_range(k) for k in keys],
+            )
+            if result.succeeded:
+                for account in pending:
+                    st.held[account] = result.revision
+                    st.owners[account] = (self.replica_id, result.revision)
+                got.extend(pending)
+                break
+            free = []
+            for account, found in zip(pending, result.ranges, strict=True):
+                if not found:
+                    free.append(account)
+                    continue
+                kv = found[0]
+                st.owners[account] = (kv.value.decode(), kv.create_revision)
+                if kv.lease == lease and kv.value == me:
+                    # An earlier attempt timed out after committing: it is ours.
+                    st.held[account] = kv.create_revision
+                    got.append(account)
+            pending = free
         return got
 
     async def _release_keys(self, accounts: Sequence[str]) -> None:
