@@ -298,9 +298,10 @@ async def test_no_quorum_stops_claims_and_they_resume_when_it_returns(
         started = anyio.current_time()
         await wait_for(lambda: store._lease_usable(), within=10)
         assert await store.verify() is None
-        await wait_for(lambda: store.owns("alice"), within=5)
+        await wait_for(lambda: store.owns("alice"), within=10)
         assert await store.claim("alice", "a", 10)
-        assert anyio.current_time() - started < 5
+        # Seconds, not a backoff's minutes (generous: the machine may be loaded).
+        assert anyio.current_time() - started < 10
 
 
 @pytest.mark.parametrize(
