@@ -148,10 +148,13 @@ def test_restart_after_kill9_retries_the_in_flight_refresh_at_once(
         retry = next(
             r for r in grant_requests(fresh_idp, {seeded["grant_id"]}) if r["t_start"] > killed_at
         )
-        # Inside the grace, and answered from it: nothing was lost. (A successor that
-        # waited out the dead process's claims, provider timeout + 30 s, would miss it.)
+        # Inside the grace: nothing was lost. (A successor that waited out the dead
+        # process's claims, provider timeout + 30 s, would miss it.) Usually the IdP
+        # rotated the token for the dead process and the retry is answered from the
+        # grace; when the kill reached the IdP first, the token was never spent and
+        # simply works. Either way the stored token still works: 200, not invalid_grant.
         assert retry["t_start"] - killed_at < 15.0
-        assert retry["grace_reuse"] is True and retry["status"] == 200
+        assert retry["status"] == 200
         row = stored(successor, "alice")
         assert row is not None and row["in_flight_since"] is None
         successor.wait_event("refresh", account="alice", outcome="success", count=2, timeout=30)
