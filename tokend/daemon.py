@@ -28,6 +28,7 @@ from tokend.oauth import ProviderClient, ProviderSetupError
 from tokend.publish import Publisher, TokenFiles
 from tokend.publish.metrics import Metrics
 from tokend.publish.server import ServeError, serve_socket, serve_tcp
+from tokend.publish.systemd import SystemdNotifier, notify_systemd
 from tokend.sources import SeedSources, SeedWatcher, VaultClient, VaultError, VaultWriteBack
 from tokend.store import SharedStore, StoreError, open_store
 
@@ -130,6 +131,7 @@ class Daemon:
         self.vault: VaultClient | None = None
         self.seeds = SeedSources(None)
         self.write_back: VaultWriteBack | None = None
+        self.systemd = SystemdNotifier.from_environ()
 
     async def _close_clients(self) -> None:
         for client in self.clients.values():
@@ -255,6 +257,8 @@ class Daemon:
             services.append(partial(serve_socket, engine, self.config, self.metrics))
         if self.config.serve.metrics_listen is not None:
             services.append(partial(serve_tcp, engine, self.config, self.metrics))
+        if self.systemd is not None:
+            services.append(partial(notify_systemd, engine, self.systemd))
         return services
 
     async def run_once(self) -> int:
@@ -293,6 +297,8 @@ class Daemon:
                     await self.reload(engine, group)
                     continue
                 _log.info("stopping", signal=signal.Signals(signum).name)
+                if self.systemd is not None:
+                    self.systemd.stopping()
                 engine.stop()
 
     async def reload(self, engine: Engine, group: TaskGroup) -> None:
