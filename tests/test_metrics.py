@@ -159,6 +159,7 @@ async def test_every_series_with_its_type_and_labels() -> None:
         "tokend_circuit_state": ("gauge", {"provider"}),
         "tokend_circuit_open_permanent": ("gauge", {"provider"}),
         "tokend_store_degraded": ("gauge", set()),
+        "process_start_time_seconds": ("gauge", set()),
     }
     assert set(families) == set(expected)
     for name, (mtype, labels) in expected.items():

@@ -18,6 +18,8 @@ methods below):
 ``tokend_socket_requests_total{endpoint,code}`` counter
     Socket API requests by route name (never a raw path) and HTTP status code.
 ``tokend_build_info{version,python}`` gauge, always 1.
+``process_start_time_seconds`` gauge
+    When this process set up its metrics (moments after it started), unix seconds.
 
 The engine's view, computed at scrape time:
 
@@ -522,6 +524,12 @@ class Metrics:
                 "Accounts whose rotated refresh token is not written back to the vault yet.",
                 registry=self.registry,
             ).set_function(writeback_pending)
+        # The conventional name, so alerts and dashboards can tell a fresh start.
+        Gauge(
+            "process_start_time_seconds",
+            "Start time of the process since unix epoch in seconds.",
+            registry=self.registry,
+        ).set(time.time())
         self._known_providers: set[str] = set()
         self._add_providers(engine.providers)
 
