@@ -1,0 +1,1 @@
+../tokend/client.py
