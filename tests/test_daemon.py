@@ -235,6 +235,9 @@ def test_once_exits_1_when_an_account_has_no_valid_token(
     assert tokend.token_json("good") is not None
     assert tokend.token_json("dead") is None
     assert tokend.events("refresh", account="dead", outcome="account_permanent")
+    # The summary names the account (a field about tokens, not a token: not redacted).
+    [done] = tokend.events("once_done")
+    assert (done["ok"], done["accounts_without_token"]) == (False, ["dead"])
 
 
 def test_restart_serves_valid_stored_tokens_at_once(fresh_idp: IdP, tokend_factory: Any) -> None:

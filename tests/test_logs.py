@@ -94,3 +94,43 @@ def test_client_secrets_and_key_material_are_registered_with_the_redactor(
         if len(line) >= 8:
             assert line not in logs.redact(pem.decode())
     del basic, signed
+
+
+def test_secret_fields_are_redacted_and_fields_naming_tokens_are_not() -> None:
+    out = io.StringIO()
+    logs.configure(stream=out)
+    secret = "sekrit-value-000111"
+    logs.get_logger().info(
+        "once_done",
+        ok=False,
+        accounts_without_token=["alice", "bob"],
+        token_valid=True,
+        token_type="Bearer",
+        token_expires_at=1795000000,
+        refresh_token=secret,
+        access_token=secret,
+        new_refresh_token=secret,
+        client_secret=secret,
+        password=secret,
+        request={"headers": {"Authorization": f"Basic {secret}", "Set-Cookie": secret}},
+        form={"client_assertion": secret, "code_verifier": secret, "grant_type": "x"},
+    )
+    line = json.loads(out.getvalue())
+    assert secret not in out.getvalue()
+    assert line["accounts_without_token"] == ["alice", "bob"]
+    assert (line["token_valid"], line["token_type"], line["token_expires_at"]) == (
+        True,
+        "Bearer",
+        1795000000,
+    )
+    for key in ("refresh_token", "access_token", "new_refresh_token", "client_secret", "password"):
+        assert line[key] == logs.REDACTED, key
+    assert line["request"]["headers"] == {
+        "Authorization": logs.REDACTED,
+        "Set-Cookie": logs.REDACTED,
+    }
+    assert line["form"] == {
+        "client_assertion": logs.REDACTED,
+        "code_verifier": logs.REDACTED,
+        "grant_type": "x",
+    }

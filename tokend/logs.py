@@ -3,8 +3,9 @@
 Redaction works on two levels, because a secret can reach a log line by key
 (``refresh_token=...``) or buried in text (an exception message quoting a header):
 
-* any key whose name says "secret" (token, secret, password, authorization,
-  assertion, private key, cookie) has its value replaced, however deep it sits;
+* a key that names a secret (``refresh_token``, ``client_secret``, ``Authorization``,
+  ``password``... see :func:`is_secret_key`) has its value replaced, however deep it
+  sits;
 * every string value is scanned for the values of secrets tokend currently holds
   (registered with :func:`register_secret`) and for ``Bearer``/``Basic`` credentials.
 
@@ -26,25 +27,57 @@ import structlog
 
 REDACTED = "[redacted]"
 
-_SECRET_KEY = re.compile(
-    r"(token|secret|password|passwd|authorization|assertion|private_key|cookie|credential)",
-    re.IGNORECASE,
-)
-# Keys that contain a secret-sounding word but carry no secret.
-_SAFE_KEYS = frozenset(
+# Field names that hold a secret, compared in lower case with "-" read as "_" (HTTP
+# headers). Exact names: a key merely containing "token" ("accounts_without_token",
+# "token_valid") holds names or flags, and redacting it hides what the line says.
+_SECRET_KEYS = frozenset(
     {
-        "token_type",
-        "token_endpoint",
-        "token_dir",
-        "token_file",
-        "refresh_token_file",
-        "client_secret_file",
-        "private_key_file",
-        "token_fingerprint",
-        "seed_fingerprint",
-        "rotated_refresh_token",
+        "token",
+        "tokens",
+        "access_token",
+        "refresh_token",
+        "id_token",
+        "secret",
+        "secrets",
+        "client_secret",
+        "password",
+        "passwd",
+        "passphrase",
+        "authorization",
+        "proxy_authorization",
+        "assertion",
+        "client_assertion",
+        "private_key",
+        "cookie",
+        "set_cookie",
+        "credential",
+        "credentials",
+        "api_key",
+        "code_verifier",
+        "device_code",
     }
 )
+# Secret names that also count with a prefix ("new_refresh_token", "seed_password").
+_SECRET_SUFFIXES = (
+    "_access_token",
+    "_refresh_token",
+    "_id_token",
+    "_client_secret",
+    "_secret",
+    "_password",
+    "_authorization",
+    "_assertion",
+    "_private_key",
+    "_api_key",
+)
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a field called ``key`` holds a secret (its value is then redacted)."""
+    name = key.lower().replace("-", "_")
+    return name in _SECRET_KEYS or name.endswith(_SECRET_SUFFIXES)
+
+
 _CREDENTIAL_IN_TEXT = re.compile(r"\b(Bearer|Basic)\s+[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
 
 
@@ -180,7 +213,7 @@ def forget_secret(value: str | None) -> None:
 
 def redact(value: Any, key: str | None = None) -> Any:
     """``value`` with every secret replaced (recursively through dicts and lists)."""
-    if key is not None and key not in _SAFE_KEYS and _SECRET_KEY.search(key):
+    if key is not None and is_secret_key(key):
         # Flags and counts ("retry_same_token_now", "token_valid") carry no secret.
         if value is None or value == "" or isinstance(value, bool | int | float):
             return value
