@@ -20,6 +20,7 @@ from tokend.policy import (
     BreakerStatus,
     BucketState,
     RateLimit,
+    RefreshTiming,
     account_after_failure,
     account_after_lost_response,
     account_after_success,
@@ -32,6 +33,7 @@ from tokend.policy import (
     bucket_reserve,
     bucket_take,
     is_lost_response,
+    refresh_at,
     retry_delay,
     should_request,
 )
@@ -718,3 +720,31 @@ def test_no_request_with_a_dead_token_and_at_most_one_grace_retry_per_run(
             return
         if decision.next_attempt_at is None:
             assert decision.state is AccountState.BLOCKED
+
+
+# -- when to refresh ---------------------------------------------------------------------
+
+
+@given(
+    lifetime=st.floats(min_value=1.0, max_value=86400.0 * 30),
+    jitter=st.floats(min_value=-1.0, max_value=1.0),
+)
+def test_refresh_time_stays_inside_the_token_and_its_margin(lifetime: float, jitter: float) -> None:
+    timing = RefreshTiming()
+    at = refresh_at(timing, 1000.0, 1000.0 + lifetime, jitter)
+    margin = min(max(60.0, 0.2 * lifetime), lifetime / 2)
+    assert 1000.0 <= at <= 1000.0 + lifetime - margin + 1e-6
+
+
+@pytest.mark.parametrize("lifetime", [60.0, 90.0, 3600.0])
+def test_refresh_times_keep_their_jitter_where_the_margin_decides(lifetime: float) -> None:
+    # 60 s and 90 s tokens hit the half-life cap; a 1 h token is refreshed at 75% +-10%
+    # but never later than its 20% margin (720 s) before expiry.
+    timing = RefreshTiming()
+    times = [refresh_at(timing, 0.0, lifetime, j / 20) for j in range(-20, 21)]
+    assert max(times) - min(times) >= 0.1 * lifetime - 1e-9
+    assert len(set(times)) > 10
+    latest = lifetime / 2 if lifetime < 120 else 0.8 * lifetime
+    assert max(times) == pytest.approx(latest)
+    if lifetime > 120:
+        assert min(times) == pytest.approx(0.65 * lifetime)

@@ -40,11 +40,17 @@ def refresh_at(timing: RefreshTiming, issued_at: float, expires_at: float, jitte
     never later than ``expiry - max(min_margin, margin_fraction * lifetime)``; that
     margin is capped at half the lifetime so a token living less than two margins
     (say 90 s with a 60 s margin) is refreshed at half-life rather than at once, in a
-    loop.
+    loop. Where that limit is what decides (short tokens), the jitter spreads the
+    refreshes over the ``jitter_fraction`` of the lifetime just before it, so tokens
+    issued together still do not come back together.
     """
     lifetime = max(0.0, expires_at - issued_at)
     jitter = min(1.0, max(-1.0, jitter))
-    wanted = issued_at + lifetime * (timing.at_fraction + timing.jitter_fraction * jitter)
+    spread = timing.jitter_fraction * lifetime
+    wanted = issued_at + lifetime * timing.at_fraction + spread * jitter
     margin = min(max(timing.min_margin, timing.margin_fraction * lifetime), lifetime / 2)
     latest = expires_at - margin
+    if wanted > latest:
+        # jitter -1 -> a whole spread early, +1 -> at the limit.
+        wanted = latest - spread * (1.0 - jitter) / 2
     return max(issued_at, min(wanted, latest))
