@@ -106,10 +106,18 @@ def _run(args: argparse.Namespace) -> int:
 def _add_check(commands: Commands) -> None:
     check = commands.add_parser("check", help="validate a config file and exit")
     add_config_arg(check)
+    check.add_argument(
+        "--schema",
+        action="store_true",
+        help="print the config file's JSON Schema (for editors; config.schema.json) and exit",
+    )
     check.set_defaults(func=_check)
 
 
 def _check(args: argparse.Namespace) -> int:
+    if args.schema:
+        sys.stdout.write(config_schema())
+        return 0
     loaded = load_or_report(args)
     if loaded is None:
         return 2
@@ -118,6 +126,20 @@ def _check(args: argparse.Namespace) -> int:
     config, path = loaded
     print(f"{path}: {summarize(config)}")
     return 0
+
+
+def config_schema() -> str:
+    """The JSON Schema of the config file, as committed in config.schema.json."""
+    import json
+
+    from tokend.config import Config
+
+    schema = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        **Config.model_json_schema(),
+        "title": "tokend configuration",
+    }
+    return json.dumps(schema, indent=2) + "\n"
 
 
 def _add_rekey(commands: Commands) -> None:

@@ -22,6 +22,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -88,9 +89,25 @@ def _parse_mode(value: object) -> int:
     raise ValueError('expected a file mode such as "0640"')
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
+# What editors are told (tokend check --schema): the forms the validators accept.
+_DURATION_SCHEMA = {
+    "anyOf": [
+        {"type": "number", "minimum": 0},
+        {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h|d)?\s*$"},
+    ],
+    "description": "seconds, or a duration such as 90s, 5m, 1h, 250ms",
+}
+_MODE_SCHEMA = {
+    "anyOf": [
+        {"type": "string", "pattern": "^0?o?[0-7]{3,4}$"},
+        {"type": "integer", "minimum": 0, "maximum": 0o7777},
+    ],
+    "description": 'a file mode, quoted: "0640"',
+}
+
+Duration = Annotated[float, BeforeValidator(parse_duration), WithJsonSchema(_DURATION_SCHEMA)]
 Name = Annotated[str, AfterValidator(_check_name)]
-FileMode = Annotated[int, BeforeValidator(_parse_mode)]
+FileMode = Annotated[int, BeforeValidator(_parse_mode), WithJsonSchema(_MODE_SCHEMA)]
 
 
 class _Model(BaseModel):
