@@ -326,8 +326,15 @@ def test_tokens_are_cached_until_near_expiry_and_read_from_token_files(
     tokend, sock, _ = served
     token = tokend_client.get_token("alice", sock)
     tokens = tokend.workdir / "tokens"
-    from_file = tokend_client.get_token_info("alice", token_dir=tokens, cache=False)
-    assert from_file.access_token == token and from_file.expires_in > 0
+
+    def from_file() -> tokend_client.Token | None:
+        try:
+            found = tokend_client.get_token_info("alice", token_dir=tokens, cache=False)
+        except tokend_client.TokenUnavailable:
+            return None  # the files are written just after the socket has the token
+        return found if found.access_token == token else None
+
+    assert wait_until(from_file, what="alice's token file").expires_in > 0
     with pytest.raises(tokend_client.TokenUnavailable):
         tokend_client.get_token("carol", token_dir=tokens)
     with pytest.raises(tokend_client.TokenUnavailable):
