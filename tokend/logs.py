@@ -55,6 +55,11 @@ _SECRET_KEYS = frozenset(
         "api_key",
         "code_verifier",
         "device_code",
+        # Vault logins.
+        "vault_token",
+        "client_token",
+        "secret_id",
+        "jwt",
     }
 )
 # Secret names that also count with a prefix ("new_refresh_token", "seed_password").
