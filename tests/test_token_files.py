@@ -71,7 +71,9 @@ def listing(directory: Path) -> list[str]:
 
 def versions(account_dir: Path) -> list[str]:
     return sorted(
-        p.name for p in account_dir.iterdir() if p.name.startswith("..") and not p.is_symlink()
+        p.name
+        for p in account_dir.iterdir()
+        if p.name.startswith("..") and p.is_dir() and not p.is_symlink()
     )
 
 
@@ -193,7 +195,9 @@ async def test_default_modes_and_contents(tmp_path: Path) -> None:
         "expires_at": int(NOW + 3600),
         "expires_in": 3600,
         "scope": "read write",
+        "version": int(NOW * 1_000_000),
     }
+    assert (account_dir / "..version").read_text() == f"{int(NOW * 1_000_000)}\n"
 
 
 @pytest.mark.anyio
@@ -230,7 +234,8 @@ async def test_configured_modes_owner_and_group_set_before_any_byte(
         await files.publish("acct", make_token())
     finally:
         os.umask(old_umask)
-    assert sorted(seen) == sorted([(0o600, 65534, 65534)] * 3 + [(0o644, 65534, 65534)])
+    # token, token.json, env and ..version; header has a mode of its own.
+    assert sorted(seen) == sorted([(0o600, 65534, 65534)] * 4 + [(0o644, 65534, 65534)])
     account_dir = tmp_path / "tokens" / "acct"
     expected = {"token": 0o600, "token.json": 0o600, "env": 0o600, "header": 0o644}
     for name, mode in expected.items():
@@ -359,8 +364,10 @@ async def test_expire_hides_the_token_and_a_new_publish_restores_it(tmp_path: Pa
         "expires_at": int(expires_at),
         "expires_in": 0,
         "scope": "read write",
+        "version": int(NOW * 1_000_000) + 1,
         "expired": True,
     }
+    assert (account_dir / "..version").read_text() == f"{int(NOW * 1_000_000) + 1}\n"
     assert await files.expire("acct", now=expires_at + 2) is False  # already expired
 
     await files.publish("acct", make_token("tok-new-12345", expires_at=NOW + 7200))

@@ -54,6 +54,15 @@ class TokenSet:
         lives as long as the IdP said, so its times move with the step."""
         return replace(self, expires_at=self.expires_at + delta, issued_at=self.issued_at + delta)
 
+    @property
+    def version(self) -> int:
+        """The token's version: an integer that grows with every new token of an
+        account. It is when tokend received the token, in microseconds, so the same
+        token keeps its version across restarts (it is stored with the token) and on
+        every replica that adopts it (a step of the wall clock shifts it with the
+        token's times, see :meth:`shifted`)."""
+        return int(self.issued_at * 1_000_000)
+
 
 @dataclass(frozen=True, slots=True)
 class StoredAccount:

@@ -8,28 +8,47 @@ publishes ConfigMap and Secret volumes (its AtomicWriter)::
 
     ACCOUNT/
       ..20250101T120000.3f1c9a0e5b7d2c44.k2x9_a/   one version: token, token.json, outputs
+      ..20250101T115000.9d04e1b7a2c3f815.p0q7_z/   the version before it
       ..data -> ..20250101T120000.3f1c9a0e5b7d2c44.k2x9_a
+      ..version                                     the current version's number
       token -> ..data/token
       token.json -> ..data/token.json
       auth-header -> ..data/auth-header             (an output, if configured)
 
-A new version is written into a fresh directory (every file created with its final
-mode and owner before its first byte, then fsynced; then the directory is fsynced),
-and published by renaming a new ``..data`` symlink over the old one, which is atomic;
-the account directory is fsynced after the swap. Why a versioned directory rather
+An account has two version directories, the current one and the one before it, used
+in turn. A new version is written into the older one: the directory is first renamed
+to the new version's name (so a path resolved through the old name fails from then
+on), each file is rewritten in place (mode and owner set before the first byte, then
+fsynced), and the version is published by renaming a new ``..data`` symlink over the
+old one, which is atomic; the account directory is fsynced after the swap. The first
+two versions are written into fresh directories. Why a versioned directory rather
 than renaming each file into place: a reader that opens ``token`` and then
 ``token.json`` could otherwise see the new token in one and the old in the other. With
-one symlink swap, every path resolved at one moment names one version.
+one symlink swap, every path resolved at one moment names one version. Why reuse the
+directories: creating and deleting a directory and its files per version made the
+filesystem's inode allocation the larger part of tokend's CPU time under many
+refreshes (on ext4 without a journal it searches past every recently freed inode).
 
 What a reader can rely on:
 
-* any one file is the old version or the new one, never empty, partial or mixed;
+* any one file opened through the account directory (``ACCOUNT/token``) is the
+  current version, complete: a version is never written while ``..data`` names it;
 * to read several files as one version, resolve ``ACCOUNT/..data`` once (``realpath``)
   and read them all from the directory it names; if one of them has vanished
-  (``ENOENT``: two newer versions were published meanwhile), resolve again. Or read
-  ``token.json`` alone: it carries the token too;
-* the version a swap replaces is kept until the next swap, so a reader that resolved
-  ``..data`` just before a swap still finds its files; older versions are removed.
+  (``ENOENT``: two newer versions were published meanwhile, and the directory was
+  renamed to be rewritten), resolve again. Or read ``token.json`` alone: it carries the
+  token too;
+* the version a swap replaces stays untouched until the next swap, so a reader that
+  resolved ``..data`` just before a swap still finds its files. Read a file soon after
+  opening it: a descriptor kept open across two more publishes of the account reads
+  the directory's new contents.
+
+``..version`` holds the current version's number (the ``version`` in ``token.json`` and
+in the socket's token answers) and a newline. It is rewritten in place after every
+swap, so a program can wait for new tokens with inotify on that one file
+(``IN_CLOSE_WRITE``; for example ``inotifywait -e close_write ACCOUNT/..version``)
+and then read the files, which already show that version or a newer one. Expiry (see
+below) is a version too: its number is the expired token's plus one.
 
 Kubernetes ``subPath`` mounts of these files never see an update: they bind the
 file's inode at mount time. Mount the directory.
@@ -75,16 +94,18 @@ rejected when the publisher is built, and rendering never calls ``str.format``.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import os
 import re
 import secrets
 import shutil
+import signal
 import stat
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -114,8 +135,9 @@ _T = TypeVar("_T")
 TOKEN = "token"
 TOKEN_JSON = "token.json"
 DATA = "..data"
+VERSION = "..version"
 _DATA_TMP = "..data_tmp"
-# ..STAMP.FINGERPRINT.RANDOM, the RANDOM part from tempfile (letters, digits, "_").
+# ..STAMP.FINGERPRINT.RANDOM (RANDOM: letters, digits, "_"; older versions used tempfile).
 _VERSION = re.compile(r"\.\.\d{8}T\d{6}\.([0-9a-f]{16})\.[A-Za-z0-9_]+")
 # Accounts share these locks by hash: bounded memory at 100,000 accounts, and with
 # far more stripes than worker threads two accounts rarely wait for each other.
@@ -183,6 +205,86 @@ def fsync_dir(directory: Path) -> None:
         os.close(dir_fd)
 
 
+# Rewriting a file in place is safe only while nobody else has it open: a write lease
+# is granted only then (and makes a later open wait until it is let go). The kernel
+# tells the lease holder of such an open with a signal; SIGURG's default is to ignore it.
+_LEASE_SIGNAL = signal.SIGURG
+_BUSY = {errno.EAGAIN, errno.EBUSY}
+
+
+def _rewrite_in_place(path: Path, data: bytes, mode: int, uid: int, gid: int, durable: bool) -> str:
+    """Replace the contents of the regular file ``path`` in place, giving it ``mode``
+    and owner first, if no other descriptor is open on it. Returns ``"done"``,
+    ``"missing"`` (no such file) or ``"replace"`` (in use, not a regular file, or
+    leases unavailable: the caller replaces the file by a rename instead)."""
+    flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return "missing"
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.EWOULDBLOCK):
+            return "replace"
+        raise
+    try:
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETSIG, _LEASE_SIGNAL)
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+        except OSError:
+            # EAGAIN: a reader still has it open (it may be reading); EACCES, EINVAL:
+            # no leases here (not the owner, leases disabled, another filesystem).
+            return "replace"
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return "replace"
+            if stat.S_IMODE(st.st_mode) != mode:
+                os.fchmod(fd, mode)
+            if (uid != -1 and st.st_uid != uid) or (gid != -1 and st.st_gid != gid):
+                os.fchown(fd, uid, gid)
+            _write_all(fd, data)
+            if st.st_size > len(data):
+                os.ftruncate(fd, len(data))
+            if durable:
+                os.fsync(fd)
+        finally:
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    finally:
+        os.close(fd)
+    return "done"
+
+
+def _put_file(
+    path: Path, data: bytes, mode: int, uid: int = -1, gid: int = -1, *, durable: bool = True
+) -> bool:
+    """Make ``path`` hold ``data`` with ``mode`` and owner: in place when nobody has
+    it open, else by renaming a new file over it. Returns whether a directory entry
+    was made or replaced (the directory then needs an fsync to make it durable)."""
+    outcome = _rewrite_in_place(path, data, mode, uid, gid, durable)
+    if outcome == "done":
+        return False
+    if outcome == "missing":
+        _create_file(path, data, mode, uid, gid)
+        return True
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    try:
+        _create_file(tmp, data, mode, uid, gid)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return True
+
+
+def _remove_entry(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
 def token_json(token: TokenSet, now: float) -> bytes:
     return orjson.dumps(
         {
@@ -191,6 +293,7 @@ def token_json(token: TokenSet, now: float) -> bytes:
             "expires_at": int(token.expires_at),
             "expires_in": max(0, int(token.expires_at - now)),
             "scope": token.scope,
+            "version": token.version,
         }
     )
 
@@ -226,6 +329,11 @@ class _Written:
     fingerprint: str
     # Expiry of the token the files show; None when they show the expired marker.
     expires_at: float | None
+    # The version's number (``..version``), and the names of the current version
+    # directory and of the one before it (the next to be rewritten), where known.
+    number: int | None = None
+    directory: str | None = None
+    spare: str | None = None
 
 
 @dataclass(slots=True)
@@ -261,6 +369,16 @@ def _current_version(account_dir: Path) -> str | None:
 def _version_fingerprint(version: str | None) -> str | None:
     match = _VERSION.fullmatch(version) if version else None
     return match.group(1) if match else None
+
+
+def _read_number(account_dir: Path) -> int | None:
+    """The number ``..version`` holds, or None."""
+    try:
+        text = (account_dir / VERSION).read_bytes()
+    except OSError:
+        return None
+    text = text.strip()
+    return int(text) if text.isdigit() and len(text) < 20 else None
 
 
 class TokenFiles:
@@ -307,8 +425,9 @@ class TokenFiles:
                 self._outputs[account] = tuple(compiled)
         self._written: dict[str, _Written] = {}
         self._locks: list[anyio.Lock] = []
-        # Fingerprints of the versions found on disk by one scan (see _scanned).
-        self._scan: dict[str, str] = {}
+        # Fingerprints and ..version numbers of the versions found on disk by one scan
+        # (see _scanned).
+        self._scan: dict[str, tuple[str, int | None]] = {}
         self._scanned_at: float | None = None
         self._scan_lock: anyio.Lock | None = None
         self._io_limiter: anyio.CapacityLimiter | None = None
@@ -342,6 +461,7 @@ class TokenFiles:
             token.token_type,
             int(token.expires_at),
             token.scope,
+            token.version,
         )
 
     def _lock(self, account: str) -> anyio.Lock:
@@ -374,19 +494,19 @@ class TokenFiles:
             known = self._written.get(account)
             if known is not None and known.fingerprint == fingerprint:
                 return
-            if known is None and await self._scanned(account) == fingerprint:
-                self._written[account] = _Written(fingerprint, token.expires_at)
+            written = _Written(fingerprint, token.expires_at, token.version)
+            if known is None and await self._scanned(account) == (fingerprint, token.version):
+                self._written[account] = written
                 return
             files = self._render(account, token, self.clock.time())
-            written = _Written(fingerprint, token.expires_at)
-            error, _ = await self._run(
+            error, result = await self._run(
                 "token_file_write_failed", account, self._swap_in, account, written, files, known
             )
-            if error is None:
-                self._written[account] = written
+            if error is None and result is not None:
+                self._written[account] = result
                 self._recovered(account)
             else:
-                self._failed(account, error, token, known)
+                self._failed(account, error or "the files were not written", token, known)
 
     async def expire(self, account: str, now: float | None = None) -> bool:
         """Replace ``account``'s files with the expired version (see the module doc) if
@@ -567,7 +687,7 @@ class TokenFiles:
             _log.exception(event, account=account)
             return _error_text(exc, self.root / account), None
 
-    async def _scanned(self, account: str) -> str | None:
+    async def _scanned(self, account: str) -> tuple[str, int | None] | None:
         """The fingerprint of ``account``'s version on disk, if a scan found its files
         complete and as configured. At a restart every restored token is republished:
         one pass over the token directory, in one worker thread, answers for every
@@ -619,49 +739,146 @@ class TokenFiles:
         written: _Written,
         files: Sequence[tuple[str, bytes, int]],
         known: _Written | None,
-    ) -> None:
+    ) -> _Written:
         """Publish ``files`` as the account's new version, unless (on the first write
-        in this process, ``known`` None) the version on disk already holds them."""
+        in this process, ``known`` None) the version on disk already holds them.
+        Returns what the files now show."""
         account_dir = self.root / account
         first = known is None
         if first:
             self._prepare_account_dir(account, account_dir)
-        previous = _current_version(account_dir)
-        if first and _version_fingerprint(previous) == written.fingerprint:
-            if self._ensure_links(account, account_dir):
-                fsync_dir(account_dir)
-            return
+        if known is None or known.directory is None:
+            # Not written by this process yet: look at what is on disk.
+            previous = _current_version(account_dir)
+            if first and _version_fingerprint(previous) == written.fingerprint:
+                changed = self._ensure_links(account, account_dir)
+                if self._write_number(account_dir, written.number, check=True):
+                    changed = True
+                if changed:
+                    fsync_dir(account_dir)
+                spare = self._spare_on_disk(account_dir, previous)
+                return replace(written, directory=previous, spare=spare)
+            spare = self._spare_on_disk(account_dir, previous)
+            from_disk = True
+        else:
+            previous, spare, from_disk = known.directory, known.spare, False
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(self.clock.time()))
-        version = Path(
-            tempfile.mkdtemp(prefix=f"..{stamp}.{written.fingerprint}.", dir=account_dir)
-        )
+        name = f"..{stamp}.{written.fingerprint}.{secrets.token_hex(4)}"
+        version = account_dir / name
+        recycled = False
+        if spare is not None:
+            try:
+                # From here on, paths resolved through the old name fail (ENOENT).
+                os.rename(account_dir / spare, version)
+                recycled = True
+            except FileNotFoundError:
+                pass
+        if not recycled:
+            os.mkdir(version, 0o700)
         try:
-            for name, data, mode in files:
-                _create_file(version / name, data, mode, self.uid, self.gid)
-            # mkdtemp made it 0700; readers need the same access as to the account dir.
-            os.chmod(version, self._dir_mode(account))
-            self._chown(version)
-            fsync_dir(version)
+            entries_changed = self._fill(account, version, files, recycled, from_disk)
+            if not recycled or from_disk:
+                # Made 0700 until complete; readers need the account dir's access.
+                st = os.stat(version)
+                if stat.S_IMODE(st.st_mode) != self._dir_mode(account):
+                    os.chmod(version, self._dir_mode(account))
+                if (self.uid != -1 and st.st_uid != self.uid) or (
+                    self.gid != -1 and st.st_gid != self.gid
+                ):
+                    self._chown(version)
+            if entries_changed:
+                fsync_dir(version)
             link = account_dir / _DATA_TMP
             try:
-                os.symlink(version.name, link)
+                os.symlink(name, link)
             except FileExistsError:
                 # Left over by a write that died before its rename.
                 link.unlink()
-                os.symlink(version.name, link)
+                os.symlink(name, link)
             self._chown(link)
             os.replace(link, account_dir / DATA)
         except BaseException:
-            shutil.rmtree(version, ignore_errors=True)
+            if not recycled:
+                shutil.rmtree(version, ignore_errors=True)
             raise
         if first:
             self._ensure_links(account, account_dir)
         # One fsync covers the swap and any links made just above.
         fsync_dir(account_dir)
-        self._remove_old_versions(account_dir, keep={version.name, previous})
+        self._write_number(account_dir, written.number, check=first)
+        keep = previous if previous is not None and _VERSION.fullmatch(previous) else None
+        return replace(written, directory=name, spare=keep)
 
-    def _scan_disk(self) -> dict[str, str]:
-        found: dict[str, str] = {}
+    def _fill(
+        self,
+        account: str,
+        version: Path,
+        files: Sequence[tuple[str, bytes, int]],
+        recycled: bool,
+        from_disk: bool,
+    ) -> bool:
+        """Write ``files`` into the directory ``version`` (rewriting in place what a
+        recycled one holds) and remove anything else from it. Returns whether any
+        directory entry was made or removed."""
+        changed = False
+        for name, data, mode in files:
+            path = version / name
+            if recycled:
+                if _put_file(path, data, mode, self.uid, self.gid):
+                    changed = True
+                continue
+            _create_file(path, data, mode, self.uid, self.gid)
+            changed = True
+        if not recycled:
+            return changed
+        wanted = {name for name, _, _ in files}
+        if from_disk:
+            # Written by another process, maybe with other outputs: look.
+            with os.scandir(version) as entries:
+                leftovers = [entry.name for entry in entries if entry.name not in wanted]
+        else:
+            leftovers = [name for name in self._link_names(account) if name not in wanted]
+        for name in leftovers:
+            try:
+                _remove_entry(version / name)
+            except FileNotFoundError:
+                continue
+            changed = True
+        return changed
+
+    def _write_number(self, account_dir: Path, number: int | None, *, check: bool) -> bool:
+        """Make ``..version`` hold ``number``; returns whether it changed. Not fsynced:
+        after a crash, the first publish of the account checks it (``check``)."""
+        if number is None:
+            return False
+        data = b"%d\n" % number
+        path = account_dir / VERSION
+        if check:
+            try:
+                if path.read_bytes() == data:
+                    return False
+            except OSError:
+                pass
+        _put_file(path, data, self.mode, self.uid, self.gid, durable=False)
+        return True
+
+    def _spare_on_disk(self, account_dir: Path, current: str | None) -> str | None:
+        """The newest version directory other than ``current``, to be rewritten as the
+        next version; any older ones are removed."""
+        with os.scandir(account_dir) as entries:
+            found = sorted(
+                entry.name
+                for entry in entries
+                if entry.name != current
+                and _VERSION.fullmatch(entry.name)
+                and entry.is_dir(follow_symlinks=False)
+            )
+        for stale in found[:-1]:
+            shutil.rmtree(account_dir / stale, ignore_errors=True)
+        return found[-1] if found else None
+
+    def _scan_disk(self) -> dict[str, tuple[str, int | None]]:
+        found: dict[str, tuple[str, int | None]] = {}
         try:
             entries = os.scandir(self.root)
         except FileNotFoundError:
@@ -669,14 +886,15 @@ class TokenFiles:
         with entries:
             for entry in entries:
                 if entry.is_dir(follow_symlinks=False):
-                    fingerprint = self._complete_version(entry.name, Path(entry.path))
-                    if fingerprint is not None:
-                        found[entry.name] = fingerprint
+                    complete = self._complete_version(entry.name, Path(entry.path))
+                    if complete is not None:
+                        found[entry.name] = complete
         return found
 
-    def _complete_version(self, account: str, account_dir: Path) -> str | None:
-        """The fingerprint of the version ``account_dir`` shows, if its directory has
-        the mode and owner configured and every file's link is in place."""
+    def _complete_version(self, account: str, account_dir: Path) -> tuple[str, int | None] | None:
+        """The fingerprint and ``..version`` number of the version ``account_dir``
+        shows, if its directory has the mode and owner configured and every file's
+        link is in place."""
         try:
             st = os.stat(account_dir)
             if stat.S_IMODE(st.st_mode) != self._dir_mode(account):
@@ -686,12 +904,15 @@ class TokenFiles:
             ):
                 return None
             fingerprint = _version_fingerprint(_current_version(account_dir))
-            for name in self._link_names(account) if fingerprint else ():
+            if fingerprint is None:
+                return None
+            for name in self._link_names(account):
                 if os.readlink(account_dir / name) != f"{DATA}/{name}":
                     return None
+            number = _read_number(account_dir)
         except OSError:
             return None
-        return fingerprint
+        return fingerprint, number
 
     def _prepare_account_dir(self, account: str, account_dir: Path) -> None:
         dir_mode = self._dir_mode(account)
@@ -751,18 +972,6 @@ class TokenFiles:
                     changed = True
         return changed
 
-    def _remove_old_versions(self, account_dir: Path, keep: set[str | None]) -> None:
-        with os.scandir(account_dir) as entries:
-            stale = [
-                entry.path
-                for entry in entries
-                if entry.name.startswith("..")
-                and entry.name not in keep
-                and entry.is_dir(follow_symlinks=False)
-            ]
-        for path in stale:
-            shutil.rmtree(path, ignore_errors=True)
-
     def _expire_sync(
         self, account: str, now: float, known: _Written | None
     ) -> tuple[bool, _Written] | None:
@@ -780,26 +989,34 @@ class TokenFiles:
             document = {}
         if document.get("expired") is True:
             current = _version_fingerprint(_current_version(account_dir)) or ""
-            return False, _Written(current, None)
+            return False, _Written(current, None, _read_number(account_dir))
         expires_at = document.get("expires_at")
         if not isinstance(expires_at, int | float) or isinstance(expires_at, bool):
             expires_at = None
         if expires_at is not None and expires_at > now:
             return None
         token_type, scope = document.get("token_type"), document.get("scope")
+        version = document.get("version")
+        if not isinstance(version, int) or isinstance(version, bool):
+            version = _read_number(account_dir) or 0
+        # Expiry is a change of what the files show: a version of its own.
+        number = version + 1
         marker = {
             "access_token": None,
             "token_type": token_type,
             "expires_at": expires_at,
             "expires_in": 0,
             "scope": scope,
+            "version": number,
             "expired": True,
         }
         written = _Written(
-            self._fingerprint(account, "expired", token_type, expires_at, scope), None
+            self._fingerprint(account, "expired", token_type, expires_at, scope, number),
+            None,
+            number,
         )
-        self._swap_in(account, written, [(TOKEN_JSON, orjson.dumps(marker), self.mode)], known)
-        return True, written
+        files = [(TOKEN_JSON, orjson.dumps(marker), self.mode)]
+        return True, self._swap_in(account, written, files, known)
 
     def _withdraw_sync(self, account: str) -> None:
         account_dir = self.root / account
