@@ -190,7 +190,14 @@ def test_token_reads_json_and_text_on_one_kept_alive_connection(
     assert first.headers["content-type"] == "application/json"
     assert first.headers["cache-control"] == "no-store"
     data = first.json()
-    assert set(data) == {"access_token", "token_type", "expires_at", "expires_in", "scope"}
+    assert set(data) == {
+        "access_token",
+        "token_type",
+        "expires_at",
+        "expires_in",
+        "scope",
+        "version",
+    }
     assert data["token_type"].lower() == "bearer"
     assert isinstance(data["expires_at"], int) and isinstance(data["expires_in"], int)
     assert 0 <= data["expires_in"] <= 5
@@ -374,6 +381,7 @@ def test_accounts_show_state_and_never_a_token(
         "required",
         "token_valid",
         "expires_at",
+        "version",
         "last_refresh_at",
         "next_refresh_at",
         "last_error",

@@ -26,6 +26,7 @@ from tokend.config import Config, ConfigError, ProviderConfig, load_config
 from tokend.engine import Engine
 from tokend.oauth import ProviderClient, ProviderSetupError
 from tokend.publish import Publisher, TokenFiles
+from tokend.publish._feed import TokenFeed
 from tokend.publish.metrics import Metrics
 from tokend.publish.server import ServeError, serve_socket, serve_tcp
 from tokend.publish.systemd import SystemdNotifier, notify_systemd
@@ -132,6 +133,7 @@ class Daemon:
         self.seeds = SeedSources(None)
         self.write_back: VaultWriteBack | None = None
         self.systemd = SystemdNotifier.from_environ()
+        self.feed: TokenFeed | None = None
 
     async def _close_clients(self) -> None:
         for client in self.clients.values():
@@ -161,6 +163,11 @@ class Daemon:
             writeback_pending=None if sink is None else lambda: len(sink.pending),
         )
         engine.observers.append(self.metrics)
+        if self.config.serve.socket is not None:
+            # Last: a connection it wakes finds the token files already written.
+            feed = self.feed = TokenFeed(engine, self.config.serve.waiters_limit)
+            engine.publishers.append(feed)
+            self.metrics.count_waiting(lambda: feed.waiting)
         return engine
 
     async def _open_vault(self, stack: AsyncExitStack) -> None:
@@ -254,7 +261,9 @@ class Daemon:
         ``task_group.start`` and reports readiness through ``task_status``."""
         services: list[Service] = []
         if self.config.serve.socket is not None:
-            services.append(partial(serve_socket, engine, self.config, self.metrics))
+            services.append(
+                partial(serve_socket, engine, self.config, self.metrics, feed=self.feed)
+            )
         if self.config.serve.metrics_listen is not None:
             services.append(partial(serve_tcp, engine, self.config, self.metrics))
         if self.systemd is not None:
@@ -339,7 +348,10 @@ class Daemon:
             for new in publishers:
                 if isinstance(old, TokenFiles) and isinstance(new, TokenFiles):
                     new.inherit_failures(old)
-        # The new publishers first: an added account's files start with it.
+        # The new publishers first: an added account's files start with it. The feed
+        # outlives reloads: connections wait on it.
+        if self.feed is not None:
+            publishers = [*publishers, self.feed]
         # Vault seeds are re-read where their secret's version moved (and new ones read).
         await self.seeds.sync(config.accounts)
         retired = await engine.reload(config, clients, errors, changed, publishers)

@@ -216,6 +216,24 @@ class ServeConfig(_Model):
     request_wait_max: Duration = Field(default=10.0, gt=0)
     # A forced refresh (POST .../refresh) of one account at most this often.
     force_refresh_interval: Duration = 10.0
+    # Connections waiting for token changes at once (long-polls, event streams);
+    # fewer than max_connections, so token reads always find room. Default: half.
+    max_waiters: int | None = Field(default=None, ge=1, le=65535)
+
+    @property
+    def waiters_limit(self) -> int:
+        if self.max_waiters is not None:
+            return self.max_waiters
+        return max(1, self.max_connections // 2)
+
+    @model_validator(mode="after")
+    def _waiters_leave_room(self) -> ServeConfig:
+        if self.max_waiters is not None and self.max_waiters >= self.max_connections:
+            raise ValueError(
+                f"max_waiters ({self.max_waiters}) must be less than max_connections "
+                f"({self.max_connections}): waiting connections must leave room for reads"
+            )
+        return self
 
 
 class RefreshPolicyConfig(_Model):

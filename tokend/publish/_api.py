@@ -3,12 +3,29 @@
 On the unix socket::
 
     GET  /v1/tokens/{account}[?min_valid=N]
-        200 {"access_token", "token_type", "expires_at", "expires_in", "scope"}
-        (expires_at unix seconds; expires_in whole seconds left), or the raw token
-        with "Accept: text/plain". Without min_valid the answer is immediate: the
-        token, or 503 if tokend holds no valid one. With min_valid (seconds, 0 or
-        more) and no token valid that much longer, tokend refreshes (rate limited,
-        see Api) and waits up to serve.request_wait_max; 503 if it still has none.
+        200 {"access_token", "token_type", "expires_at", "expires_in", "scope",
+        "version"} (expires_at unix seconds; expires_in whole seconds left; version
+        an integer that grows with every new token of the account), or the raw token
+        with "Accept: text/plain" (its version in a Token-Version header). Without
+        min_valid the answer is immediate: the token, or 503 if tokend holds no valid
+        one. With min_valid (seconds, 0 or more) and no token valid that much longer,
+        tokend refreshes (rate limited, see Api) and waits up to
+        serve.request_wait_max; 503 if it still has none.
+    GET  /v1/tokens/{account}?after=VERSION[&wait=30s]
+        A long-poll: answered (as above) as soon as tokend holds a valid token whose
+        version is not VERSION, normally the next one; else when the wait ends
+        (default 30 s, at most 300 s) with the current token, or 503 if none is valid.
+        An expiry does not end the wait: it goes on until a new token comes.
+    GET  /v1/events[?account=NAME[&token=1]]
+        Server-sent events (text/event-stream): first one event per account (or for
+        NAME) with its current version, then one per change: "token" (a new token),
+        "expired" (it expired and nothing replaced it yet), "removed" (the account
+        left the config). Data: {"account", "version", "expires_at", "state",
+        "token_valid"}; with token=1 (one account, which the peer may read) also
+        "access_token", "token_type", "expires_in", "scope". A comment line every
+        15 s; the stream ends after an hour (clients reconnect; "retry: 1000").
+        Long-polls and streams count against serve.max_waiters: beyond it, 503
+        {"error": "too_many_waiters"} with Retry-After.
     POST /v1/tokens/{account}/refresh
         The application got a 401 before expiry: refresh now. 200 with the new token
         (as above), 503 {"error": "refresh_failed", ...} if none came, 429 with
@@ -16,7 +33,7 @@ On the unix socket::
         application caused (the token tokend holds is then likely the new one).
     GET  /v1/accounts
         200 {"accounts": [{"name", "provider", "state", "required", "token_valid",
-        "expires_at", "last_refresh_at", "next_refresh_at", "last_error",
+        "expires_at", "version", "last_refresh_at", "next_refresh_at", "last_error",
         "publish_error"}]}, sorted by name; never a token. publish_error: why the
         account's token files do not show its current token (null when they do).
     PUT  /v1/accounts/{account}/seed    body {"refresh_token": "..."}
@@ -58,6 +75,7 @@ import orjson
 from tokend.config import ServeConfig
 from tokend.model import AccountState, TokenSet
 from tokend.publish._base import ReportingPublisher
+from tokend.publish._feed import EventStream, LongPoll, TokenFeed
 from tokend.publish._http import (
     TEXT_TYPE,
     Reply,
@@ -78,6 +96,15 @@ _REFRESH_SUFFIX = b"/refresh"
 _ACCOUNTS_PREFIX = b"/v1/accounts/"
 _SEED_SUFFIX = b"/seed"
 _SECONDS = re.compile(rb"[0-9]{1,9}(?:\.[0-9]{1,6})?")
+_VERSION = re.compile(rb"[0-9]{1,19}")
+_WAIT = re.compile(rb"([0-9]{1,9}(?:\.[0-9]{1,6})?)s?")
+_DEFAULT_WAIT = 30.0
+_MAX_WAIT = 300.0
+_EVENTS_PATH = b"/v1/events"
+_EVENTS_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+    b"Cache-Control: no-store\r\nConnection: close\r\n\r\n"
+)
 
 # Accounts whose publish error /readyz spells out (/v1/accounts has them all).
 _MAX_PUBLISH_ERRORS_SHOWN = 100
@@ -105,7 +132,7 @@ class _Gate:
 
 # What a request asks for, decided from the request alone (method, path, query,
 # Accept) once per distinct request head and kept in ``Request.memo``.
-_TOKEN, _REFRESH, _ACCOUNTS, _HEALTHZ, _READYZ, _METRICS, _FIXED, _SEED = range(8)
+_TOKEN, _REFRESH, _ACCOUNTS, _HEALTHZ, _READYZ, _METRICS, _FIXED, _SEED, _EVENTS = range(9)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +142,11 @@ class _Plan:
     account: str = ""
     min_valid: float | None = None
     as_text: bool = False
+    # A long-poll: the version the client holds, and how long it waits (seconds).
+    after: int | None = None
+    wait: float = _DEFAULT_WAIT
+    # An event stream: one account (``account``) or all; with the token itself.
+    with_token: bool = False
     # _FIXED: the answer does not depend on any state.
     status: int = 0
     response: bytes = b""
@@ -141,9 +173,16 @@ class Api:
     """
 
     def __init__(
-        self, engine: Engine, serve: ServeConfig, metrics: Metrics, *, tokens: bool
+        self,
+        engine: Engine,
+        serve: ServeConfig,
+        metrics: Metrics,
+        *,
+        tokens: bool,
+        feed: TokenFeed | None = None,
     ) -> None:
         self._engine = engine
+        self._feed = feed
         self._now = engine.clock.time
         self._monotonic = engine.clock.monotonic
         self._metrics = metrics
@@ -178,6 +217,8 @@ class Api:
             return plan.response
         if kind == _REFRESH:
             return self._refresh(plan, peer)
+        if kind == _EVENTS:
+            return self._events(plan, peer)
         if kind == _ACCOUNTS:
             return self._reply("accounts", 200, self._accounts())
         if kind == _SEED:
@@ -200,6 +241,8 @@ class Api:
             if method != b"PUT":
                 return _fixed("seed", 405, _PUT_ONLY)
             return _Plan(_SEED, "seed", name.decode("ascii"))
+        if self._tokens and path == _EVENTS_PATH:
+            return _events_plan(request)
         routes = _TOKEN_ROUTES if self._tokens else _PROBE_ROUTES
         found = routes.get(path)
         if found is None:
@@ -218,6 +261,8 @@ class Api:
             return self._reply("token", 404, _UNKNOWN_ACCOUNT)
         if account.config.allow is not None and not _allowed(account, peer):
             return self._reply("token", 403, _FORBIDDEN)
+        if plan.after is not None:
+            return self._long_poll(plan)
         min_valid = plan.min_valid
         now = self._now()
         token = account.published
@@ -229,13 +274,72 @@ class Api:
             return self._reply("token", 503, _unavailable(account))
         return self._token_after_refresh(name, min_valid, plan.as_text)
 
+    def _long_poll(self, plan: _Plan) -> Reply:
+        name, after = plan.account, plan.after
+
+        def ready() -> bool:
+            account = self._engine.accounts.get(name)
+            token = account.published if account is not None else None
+            return token is not None and token.version != after and token.is_valid(self._now())
+
+        def answer() -> bytes:
+            account = self._engine.accounts.get(name)
+            if account is None:
+                return self._reply("token", 404, _UNKNOWN_ACCOUNT)
+            now = self._now()
+            token = account.published
+            if token is not None and token.is_valid(now):
+                self._count("token", 200)
+                return self._token_reply(name, token, now, plan.as_text)
+            return self._reply("token", 503, _unavailable(account))
+
+        if ready() or self._feed is None:
+            return answer()
+        if self._feed.full:
+            return self._reply("token", 503, self._too_many_waiters())
+        return LongPoll(self._feed, name, self._monotonic() + plan.wait, ready, answer)
+
+    def _events(self, plan: _Plan, peer: PeerCred | None) -> Reply:
+        feed = self._feed
+        if feed is None:
+            return self._reply("events", 404, _NOT_FOUND)
+        name: str | None = plan.account or None
+        if name is not None:
+            account = self._engine.accounts.get(name)
+            if account is None:
+                return self._reply("events", 404, _UNKNOWN_ACCOUNT)
+            if plan.with_token and not _allowed(account, peer):
+                return self._reply("events", 403, _FORBIDDEN)
+        if feed.full:
+            return self._reply("events", 503, self._too_many_waiters())
+        self._count("events", 200)
+        return EventStream(feed, name, _EVENTS_HEAD, with_token=plan.with_token)
+
+    def _too_many_waiters(self) -> bytes:
+        assert self._feed is not None
+        return json_response(
+            503,
+            {
+                "error": "too_many_waiters",
+                "max_waiters": self._feed.max_waiters,
+                "detail": "tokend holds as many waiting connections as serve.max_waiters "
+                "allows; retry later, or read the token without waiting",
+            },
+            b"Retry-After: 1\r\n",
+        )
+
     def _token_reply(self, name: str, token: TokenSet, now: float, as_text: bool) -> bytes:
         """The 200 response carrying ``token`` (valid at ``now``)."""
         if as_text:
             cached_text = self._text_cache.get(name)
             if cached_text is not None and cached_text[0] is token:
                 return cached_text[1]
-            response = encode_response(200, token.access_token.encode(), TEXT_TYPE)
+            response = encode_response(
+                200,
+                token.access_token.encode(),
+                TEXT_TYPE,
+                b"Token-Version: %d\r\n" % token.version,
+            )
             self._text_cache[name] = (token, response)
             return response
         expires_in = int(token.expires_at - now)
@@ -250,6 +354,7 @@ class Api:
                 "expires_at": int(token.expires_at),
                 "expires_in": expires_in,
                 "scope": token.scope,
+                "version": token.version,
             },
         )
         self._json_cache[name] = (token, expires_in, response)
@@ -469,14 +574,52 @@ def _token_plan(request: Request, rest: bytes) -> _Plan:
         return _fixed("other", 404, _NOT_FOUND)
     if request.method != method:
         return _fixed(route, 405, _POST_ONLY if kind == _REFRESH else _GET_ONLY)
-    min_valid = None
+    min_valid = after = None
+    wait = _DEFAULT_WAIT
     if kind == _TOKEN:
         try:
-            min_valid = _min_valid(request.query)
+            min_valid, after, wait = _token_query(request.query)
         except ValueError as exc:
             return _fixed(route, 400, error_response(400, "bad_request", detail=str(exc)))
     # The request line admits visible ASCII only, so decoding cannot fail.
-    return _Plan(kind, route, rest.decode("ascii"), min_valid, as_text=_wants_text(request.accept))
+    return _Plan(
+        kind,
+        route,
+        rest.decode("ascii"),
+        min_valid,
+        as_text=_wants_text(request.accept),
+        after=after,
+        wait=wait,
+    )
+
+
+def _events_plan(request: Request) -> _Plan:
+    """/v1/events[?account=NAME[&token=1]]."""
+    if request.method != b"GET":
+        return _fixed("events", 405, _GET_ONLY)
+    account, with_token = "", False
+    try:
+        for key, value in _query_pairs(request.query):
+            if key == b"account" and value and b"/" not in value:
+                account = value.decode("ascii")
+            elif key == b"token" and value in (b"0", b"1"):
+                with_token = value == b"1"
+            else:
+                raise ValueError("/v1/events takes account=NAME and token=1 (with account)")
+        if with_token and not account:
+            raise ValueError("token=1 needs account=NAME: tokens are streamed one account only")
+    except ValueError as exc:
+        return _fixed("events", 400, error_response(400, "bad_request", detail=str(exc)))
+    return _Plan(_EVENTS, "events", account, with_token=with_token)
+
+
+def _query_pairs(query: bytes | None) -> list[tuple[bytes, bytes]]:
+    pairs = []
+    for pair in query.split(b"&") if query else ():
+        if pair:
+            key, _, value = pair.partition(b"=")
+            pairs.append((key, value))
+    return pairs
 
 
 def _seed_from(body: bytes) -> str | None:
@@ -505,22 +648,35 @@ def _wants_text(accept: bytes | None) -> bool:
     return accept is not None and b"text/plain" in accept and b"application/json" not in accept
 
 
-def _min_valid(query: bytes | None) -> float | None:
-    """``min_valid`` from the query string (``None`` if absent). Raises ``ValueError``
+def _token_query(query: bytes | None) -> tuple[float | None, int | None, float]:
+    """``min_valid``, ``after`` and ``wait`` from the query string. Raises ``ValueError``
     with a message for the client; the message never echoes what was sent."""
-    if not query:
-        return None
     min_valid: float | None = None
-    for pair in query.split(b"&"):
-        if not pair:
-            continue
-        key, _, value = pair.partition(b"=")
-        if key != b"min_valid":
-            raise ValueError("unknown query parameter (this endpoint takes min_valid)")
-        if _SECONDS.fullmatch(value) is None:
-            raise ValueError("min_valid must be a number of seconds, such as 30")
-        min_valid = float(value)
-    return min_valid
+    after: int | None = None
+    wait: float | None = None
+    for key, value in _query_pairs(query):
+        if key == b"min_valid":
+            if _SECONDS.fullmatch(value) is None:
+                raise ValueError("min_valid must be a number of seconds, such as 30")
+            min_valid = float(value)
+        elif key == b"after":
+            if _VERSION.fullmatch(value) is None:
+                raise ValueError("after must be a token version (an integer), such as 0")
+            after = int(value)
+        elif key == b"wait":
+            match = _WAIT.fullmatch(value)
+            if match is None or not 0 < float(match[1]) <= _MAX_WAIT:
+                raise ValueError(f"wait must be seconds, such as 30s, at most {_MAX_WAIT:.0f}s")
+            wait = float(match[1])
+        else:
+            raise ValueError(
+                "unknown query parameter (this endpoint takes min_valid, or after and wait)"
+            )
+    if after is not None and min_valid is not None:
+        raise ValueError("after (a long-poll) and min_valid cannot be combined")
+    if wait is not None and after is None:
+        raise ValueError("wait needs after=VERSION (the version the client holds)")
+    return min_valid, after, _DEFAULT_WAIT if wait is None else wait
 
 
 def _unavailable(account: Account, error: str = "token_unavailable") -> bytes:
@@ -551,6 +707,7 @@ def _account_view(
         "required": account.config.required,
         "token_valid": token is not None and token.is_valid(now),
         "expires_at": _epoch(token.expires_at) if token is not None else None,
+        "version": token.version if token is not None else None,
         "last_refresh_at": _epoch(account.last_refresh_at),
         # The next attempt the engine has scheduled: the planned refresh while the
         # token is fine, the retry after a failure; null when none is (needs_reauth).

@@ -28,7 +28,7 @@ import socket
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import orjson
@@ -221,9 +221,47 @@ def parse_head(head: bytes) -> Request:
     )
 
 
-Reply = bytes | Coroutine[Any, Any, bytes]
-# Answers a request (with its body, empty but for a PUT): the response at once, or a
-# coroutine producing it (run in the connection's task; it must bound its own waiting).
+class PushSink(Protocol):
+    """What a :class:`Push` sends through: its connection."""
+
+    def send(self, data: bytes) -> bool:
+        """Write part of a streamed answer. False when the connection is gone (or was
+        just cut off because its client does not read what it is sent)."""
+        ...
+
+    def finish(self, response: bytes | None) -> None:
+        """End the push: send ``response`` as the complete answer and go on serving
+        the connection, or (``None``) close the connection after what was sent."""
+        ...
+
+
+class Push(Protocol):
+    """An answer sent when something happens rather than at once: a long-poll (one
+    response, later) or an event stream (a head, then events). No task waits for it:
+    whatever causes the answer calls the sink, so a thousand waiting connections
+    cost no task wake-ups when they are answered."""
+
+    # When (monotonic seconds) ``on_deadline`` is to be called, unless finished.
+    deadline: float
+
+    def attach(self, sink: PushSink) -> None:
+        """Start: the connection is ready to send (this may already finish)."""
+        ...
+
+    def on_deadline(self) -> None:
+        """``deadline`` has come: finish, or send something and move ``deadline``."""
+        ...
+
+    def detach(self) -> None:
+        """The push is over (finished, or the connection is gone): stop calling the
+        sink and let go of what it holds. Called exactly once."""
+        ...
+
+
+Reply = bytes | Coroutine[Any, Any, bytes] | Push
+# Answers a request (with its body, empty but for a PUT): the response at once, a
+# coroutine producing it (run in the connection's task; it must bound its own
+# waiting), or a push.
 Handler = Callable[[Request, PeerCred | None, bytes], Reply]
 
 
@@ -410,6 +448,9 @@ class _Connection(asyncio.Protocol):
         self._eof = False
         self._write_paused = False
         self._wake: anyio.Event | None = None
+        self._push: Push | None = None
+        self._push_keep_alive = True
+        self._attaching = False
 
     # -- asyncio callbacks ---------------------------------------------------------------
 
@@ -445,6 +486,11 @@ class _Connection(asyncio.Protocol):
         if self._body_for is not None:
             self._close()  # the body it announced will never come
             return True
+        if self._push is not None:
+            # Nobody waits any more (a client does not half-close to wait for events).
+            self._end_push()
+            self._close()
+            return True
         if not self._busy:
             self._process()
         return True
@@ -453,6 +499,7 @@ class _Connection(asyncio.Protocol):
         self._closed = True
         if self._job_scope is not None:
             self._job_scope.cancel()
+        self._end_push()
         self._notify()
 
     def pause_writing(self) -> None:
@@ -460,6 +507,10 @@ class _Connection(asyncio.Protocol):
         # it keeps sending waits in the kernel's socket buffers (bounded) and then
         # blocks the client, instead of growing tokend's buffers.
         self._write_paused = True
+        if self._push is not None:
+            # An event stream nobody reads: what comes next would only pile up.
+            self._drop("events_not_read")
+            return
         if self._transport is not None and not self._closed:
             self._transport.pause_reading()
 
@@ -557,13 +608,70 @@ class _Connection(asyncio.Protocol):
             return
         if isinstance(reply, bytes):
             self._send(reply, request.keep_alive)
-        else:
-            self._busy = True
+            return
+        self._busy = True
+        assert self._transport is not None
+        if isinstance(reply, Coroutine):
+            self._transport.pause_reading()
             self._job = reply
             self._job_keep_alive = request.keep_alive
-            assert self._transport is not None
-            self._transport.pause_reading()
             self._notify()
+            return
+        # Reading goes on while a push waits, so a client that leaves is noticed at
+        # once (what it sends meanwhile is held within the usual limits).
+        self._push = reply
+        self._push_keep_alive = request.keep_alive
+        self._deadline = reply.deadline
+        # The task sleeps toward the idle deadline: let it look at the push's.
+        self._notify()
+        self._attaching = True
+        try:
+            reply.attach(self)
+        except Exception:
+            _log.exception("request_failed")
+            self._end_push()
+            self._fail(_INTERNAL_ERROR, 500)
+        finally:
+            self._attaching = False
+
+    # -- pushes (PushSink) ----------------------------------------------------------------
+
+    def send(self, data: bytes) -> bool:
+        if self._closed or self._push is None:
+            return False
+        assert self._transport is not None
+        self._transport.write(data)
+        # pause_writing (called from write past the high-water mark) may have cut
+        # the connection off.
+        return not self._closed
+
+    def finish(self, response: bytes | None) -> None:
+        if self._push is None:
+            return
+        self._end_push()
+        if self._closed:
+            return
+        if response is None:
+            self._close()
+            return
+        self._busy = False
+        self._send(response, self._push_keep_alive)
+        self._notify()
+        if not (self._closed or self._write_paused):
+            assert self._transport is not None
+            self._transport.resume_reading()
+            # Answered at once (inside attach): the request loop that called attach
+            # goes on by itself; calling it here would nest one call per request.
+            if not self._attaching:
+                self._process()
+
+    def _end_push(self) -> None:
+        push, self._push = self._push, None
+        if push is not None:
+            try:
+                push.detach()
+            except Exception:
+                _log.exception("request_failed")
 
     def _send(self, data: bytes, keep_alive: bool) -> None:
         assert self._transport is not None
@@ -618,8 +726,19 @@ class _Connection(asyncio.Protocol):
                     self._job = None
                     await self._run_job(job)
                     continue
+                push = self._push
+                if push is not None:
+                    self._deadline = push.deadline
                 delay = self._deadline - _monotonic()
                 if delay <= 0:
+                    if push is not None:
+                        try:
+                            push.on_deadline()
+                        except Exception:
+                            _log.exception("request_failed")
+                            self._end_push()
+                            self._fail(_INTERNAL_ERROR, 500)
+                        continue
                     self._expire()
                     break
                 self._wake = wake = anyio.Event()
@@ -631,6 +750,7 @@ class _Connection(asyncio.Protocol):
                 self._job.close()
                 self._job = None
             self._closed = True
+            self._end_push()
             transport = self._transport
             if transport is not None:
                 if not transport.is_closing():

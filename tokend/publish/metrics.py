@@ -20,6 +20,9 @@ methods below):
 ``tokend_build_info{version,python}`` gauge, always 1.
 ``process_start_time_seconds`` gauge
     When this process set up its metrics (moments after it started), unix seconds.
+``tokend_socket_waiting_connections`` gauge
+    Socket connections waiting for token changes now (long-polls and event streams;
+    at most ``serve.max_waiters``).
 
 The engine's view, computed at scrape time:
 
@@ -418,6 +421,20 @@ class _SocketRequests:
         yield family
 
 
+class _Waiting:
+    """``tokend_socket_waiting_connections``, read from the feed at scrape time."""
+
+    def __init__(self, count: Callable[[], int]) -> None:
+        self.count = count
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "tokend_socket_waiting_connections",
+            "Socket connections waiting for token changes (long-polls, event streams).",
+            value=self.count(),
+        )
+
+
 class _Scrape:
     """What one scrape exposes: the registry's series, then the snapshot's.
 
@@ -556,6 +573,10 @@ class Metrics:
     def socket_request(self, endpoint: str, code: int) -> None:
         """Count one socket API request (``endpoint`` is a route name, not a path)."""
         self._socket_counts[endpoint, code] += 1
+
+    def count_waiting(self, count: Callable[[], int]) -> None:
+        """Expose ``count()``, the connections waiting for token changes."""
+        self.registry.register(_Waiting(count))
 
     # -- exposition ---------------------------------------------------------------------
 

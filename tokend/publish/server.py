@@ -22,6 +22,7 @@ from anyio.abc import TaskStatus
 from tokend.config import Config, ServeConfig
 from tokend.logs import get_logger
 from tokend.publish._api import Api
+from tokend.publish._feed import TokenFeed
 from tokend.publish._http import HttpListener, Limits
 
 if TYPE_CHECKING:
@@ -52,9 +53,11 @@ async def serve_socket(
     config: Config,
     metrics: Metrics,
     *,
+    feed: TokenFeed | None = None,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the token API on ``config.serve.socket`` until cancelled.
+    """Serve the token API on ``config.serve.socket`` until cancelled; ``feed`` (one
+    of the engine's publishers) answers the long-polls and event streams.
 
     Raises :class:`ServeError` before reporting started if the socket cannot be
     created (another tokend serves on it, the path is too long, permissions...)."""
@@ -69,7 +72,7 @@ async def serve_socket(
         _log.error("socket_unavailable", path=str(path), error=str(exc))
         raise
     try:
-        api = Api(engine, serve, metrics, tokens=True)
+        api = Api(engine, serve, metrics, tokens=True, feed=feed)
         listener = HttpListener(
             sock,
             api.handle,
@@ -82,6 +85,7 @@ async def serve_socket(
             path=str(path),
             mode=f"{serve.socket_mode:04o}",
             max_connections=serve.max_connections,
+            max_waiters=serve.waiters_limit,
         )
         task_status.started()
         await listener.serve()
