@@ -320,3 +320,47 @@ def test_version_file_changes_with_every_publish(
 
     wait_until(three_versions, timeout=30, what="two refreshes of 5-second tokens")
     assert seen == sorted(seen) and len(set(seen)) == len(seen)
+
+
+def test_client_cache_follows_the_pushed_token_not_a_timer(
+    fresh_idp: IdP, tokend_factory: Any, short_dir: Path
+) -> None:
+    import httpx
+
+    from tokend import client as tokend_client
+
+    # One-hour tokens: a cache going by time alone would keep the first for a minute.
+    fresh_idp.configure(access_token_ttl=3600)
+    sock = short_dir / "tokend.sock"
+    config = socket_config(fresh_idp, sock, force_refresh_interval="0s")
+    add_account(config, fresh_idp, "alice")
+    start(tokend_factory(config), sock)
+    wait_for_token(sock, "alice")
+    tokend_client.clear_cache()
+    sent: list[str] = []
+    transport = httpx.MockTransport(
+        lambda request: sent.append(request.headers["authorization"]) or httpx.Response(200)
+    )
+    try:
+        first = tokend_client.get_token_info("alice", sock)
+        assert first.version is not None
+        auth = tokend_client.TokendAuth("alice", sock)
+        with httpx.Client(transport=transport, auth=auth) as http:
+            http.get("http://app.example/")
+            assert sent == [f"Bearer {first.access_token}"]
+            wait_until(lambda: _waiting(sock) == 1, what="the client's long-poll")
+
+            # Another process has the token refreshed: the cache follows at once.
+            with contextlib.closing(RawClient(sock)) as other:
+                second = other.request("POST", "/v1/tokens/alice/refresh").json()
+            assert second["access_token"] != first.access_token
+            wait_until(
+                lambda: tokend_client.get_token("alice", sock) == second["access_token"],
+                what="the cache to take the pushed token",
+            )
+            http.get("http://app.example/")
+            assert sent[-1] == f"Bearer {second['access_token']}"
+        # The watch asks again for the version after the one it holds.
+        wait_until(lambda: _waiting(sock) == 1, what="the next long-poll")
+    finally:
+        tokend_client.clear_cache()

@@ -23,10 +23,17 @@ once per account per ``serve.force_refresh_interval``) and waits up to
 ``TOKEN_DIR/ACCOUNT/token.json`` instead, which needs no socket but cannot ask for a
 refresh.
 
-**Caching.** A token is kept in the process and handed out again, without asking
-tokend, while it stays valid for ``min_valid`` plus a margin: half the validity it had
-when it was fetched, at most 60 s. tokend refreshes well before that point, so the
-next ask gets the new token. :func:`force_refresh` replaces the cached token;
+**Caching.** A token read from the socket is kept in the process, and a background
+thread (one per socket and account, a daemon thread) holds a long-poll open on tokend
+(``GET /v1/tokens/ACCOUNT?after=VERSION``): tokend answers it the moment it commits
+the account's next token, and the thread puts that token in the cache. So the cached
+token is handed out, without asking tokend, for as long as it stays valid for
+``min_valid``, and it is replaced when tokend has a new one, not on a timer. While the
+thread is not connected (tokend restarting, too many waiters), a cached token is used
+only while it stays valid for ``min_valid`` plus a margin (half the validity it had
+when it was fetched, at most 60 s), as tokend refreshes well before that point. The
+thread ends after ten minutes without a request for the account. Token files are
+read each time (never cached). :func:`force_refresh` replaces the cached token;
 ``cache=False`` always asks.
 
 Nothing here puts a token into an exception, a message or a ``repr``.
@@ -120,7 +127,15 @@ class Forbidden(TokendError):
 class Token:
     """An access token as tokend hands it out (its ``repr`` leaves the token out)."""
 
-    __slots__ = ("access_token", "expires_at", "expires_in", "fetched_at", "scope", "token_type")
+    __slots__ = (
+        "access_token",
+        "expires_at",
+        "expires_in",
+        "fetched_at",
+        "scope",
+        "token_type",
+        "version",
+    )
 
     def __init__(
         self,
@@ -130,6 +145,7 @@ class Token:
         expires_in: int,
         scope: str | None,
         fetched_at: float = 0.0,
+        version: int | None = None,
     ) -> None:
         self.access_token = access_token
         self.token_type = token_type
@@ -138,6 +154,8 @@ class Token:
         self.scope = scope
         # When this process received it (time.time()); 0 when unknown.
         self.fetched_at = fetched_at
+        # tokend's version of the token (grows with each new one); None when unknown.
+        self.version = version
 
     def __repr__(self) -> str:
         return (
@@ -208,6 +226,7 @@ def get_token_info(
     directory = _token_dir(socket_path, token_dir)
     key = ("file:" + directory, account) if directory else (_socket(socket_path), account)
     if cache and (cached := _cached(key, min_valid)) is not None:
+        _watch(key)
         return cached
     if directory:
         token = read_token_file(account, directory)
@@ -223,6 +242,8 @@ def get_token_info(
         status, body = _request(key[0], "GET", target, timeout)
         token = _token_or_raise(account, status, body)
     _remember(key, token)
+    if cache and not directory:
+        _watch(key)
     return token
 
 
@@ -289,30 +310,129 @@ def list_accounts(
 
 
 def clear_cache() -> None:
-    """Forget every cached token."""
+    """Forget every cached token (the watching threads end at their next answer)."""
     with _cache_lock:
         _cache.clear()
+        for watch in _watches.values():
+            watch.stopped = True
+        _watches.clear()
 
 
 # -- the cache --------------------------------------------------------------------------------
 
 _cache: dict[tuple[str, str], Token] = {}
 _cache_lock = threading.Lock()
+# Long-polls kept open on tokend, one per (socket, account) with a cached token.
+_watches: dict[tuple[str, str], _Watch] = {}
+# How long one long-poll waits for the next token (tokend answers by then anyway);
+# how long a watch goes on without anyone asking for the account's token; and the
+# longest pause between attempts while tokend cannot be reached.
+WATCH_WAIT = 60.0
+WATCH_IDLE = 600.0
+_WATCH_RETRY_MAX = 30.0
 
 
 def _cached(key: tuple[str, str], min_valid: float) -> Token | None:
     with _cache_lock:
         token = _cache.get(key)
+        watch = _watches.get(key)
     if token is None:
         return None
     now = time.time()
+    if watch is not None and watch.live:
+        # tokend tells the watch of the next token the moment it has it.
+        return token if token.expires_at - now >= min_valid else None
     margin = min(CACHE_MARGIN_MAX, max(0.0, token.expires_at - token.fetched_at) / 2)
     return token if token.expires_at - now >= min_valid + margin else None
 
 
 def _remember(key: tuple[str, str], token: Token) -> None:
     with _cache_lock:
-        _cache[key] = token
+        current = _cache.get(key)
+        # A long-poll's answer and a direct read may cross: keep the newer token.
+        if current is None or (current.version or 0) <= (token.version or 0):
+            _cache[key] = token
+
+
+def _watch(key: tuple[str, str]) -> None:
+    """Make sure a thread keeps ``key``'s cached token current."""
+    with _cache_lock:
+        watch = _watches.get(key)
+        if watch is not None:
+            watch.used_at = time.monotonic()
+            return
+        if key in _unwatchable:
+            return
+        watch = _watches[key] = _Watch(key)
+    thread = threading.Thread(target=watch.run, name=f"tokend-watch-{key[1]}", daemon=True)
+    thread.start()
+
+
+# Accounts tokend would not let this process wait on (an older tokend, 403, 404).
+_unwatchable: set[tuple[str, str]] = set()
+
+
+class _Watch:
+    """Keeps one cached token current: long-polls tokend for each new token."""
+
+    __slots__ = ("key", "live", "stopped", "used_at")
+
+    def __init__(self, key: tuple[str, str]) -> None:
+        self.key = key
+        # True while a long-poll is out for the version in the cache: a new token
+        # would reach the cache without anyone asking.
+        self.live = False
+        self.stopped = False
+        self.used_at = time.monotonic()
+
+    def run(self) -> None:
+        path, account = self.key
+        retry = 0.5
+        try:
+            while not self.stopped and time.monotonic() - self.used_at < WATCH_IDLE:
+                with _cache_lock:
+                    cached = _cache.get(self.key)
+                if cached is None or cached.version is None:
+                    return  # nothing to keep current (or a tokend without versions)
+                target = f"/v1/tokens/{_quote(account)}?after={cached.version}&wait={WATCH_WAIT:g}s"
+                self.live = True
+                try:
+                    status, body = _exchange(path, "GET", target, WATCH_WAIT + 15.0)
+                except (OSError, ValueError):
+                    status, body = 0, b""
+                if status == 200:
+                    try:
+                        token = _token_from(json.loads(body))
+                    except (KeyError, TypeError, ValueError):
+                        return
+                    _remember(self.key, token)
+                    retry = 0.5
+                    continue
+                self.live = False
+                if status in (400, 403, 404):
+                    with _cache_lock:
+                        _unwatchable.add(self.key)
+                    return
+                if status == 503 and b'"too_many_waiters"' not in body:
+                    continue  # the wait ended with no valid token: wait for the next
+                time.sleep(retry)
+                retry = min(retry * 2, _WATCH_RETRY_MAX)
+        finally:
+            self.live = False
+            with _cache_lock:
+                if _watches.get(self.key) is self:
+                    del _watches[self.key]
+
+
+def _forget_watches_in_child() -> None:
+    # A forked child has none of its parent's threads.
+    _watches.clear()
+    global _cache_lock
+    _cache_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_watches_in_child)
 
 
 # -- HTTP authentication ----------------------------------------------------------------------
@@ -588,6 +708,7 @@ def _token_from(data: Mapping[str, Any]) -> Token:
         expires_in=int(data["expires_in"]),
         scope=data.get("scope"),
         fetched_at=time.time(),
+        version=data.get("version") if isinstance(data.get("version"), int) else None,
     )
 
 
