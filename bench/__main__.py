@@ -18,7 +18,18 @@ from bench._common import Options, Row, machine_facts
 
 # Cheapest first, then the 100,000-account run; the crash chaos (kill -9 loops) and the
 # replicas on etcd last.
-BENCHMARKS = ("cli", "socket", "refresh", "vault", "small", "hang", "scale", "chaos", "replicas")
+BENCHMARKS = (
+    "cli",
+    "socket",
+    "refresh",
+    "vault",
+    "small",
+    "hang",
+    "push",
+    "scale",
+    "chaos",
+    "replicas",
+)
 MODULES = {
     "cli": "bench.cli",
     "socket": "bench.socket_latency",
@@ -26,6 +37,7 @@ MODULES = {
     "vault": "bench.vault",
     "small": "bench.startup",
     "hang": "bench.hang",
+    "push": "bench.push",
     "scale": "bench.scale",
     "chaos": "bench.chaos",
     "replicas": "bench.replicas",

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import threading
 import time
@@ -339,7 +340,7 @@ def _cached(key: tuple[str, str], min_valid: float) -> Token | None:
     if token is None:
         return None
     now = time.time()
-    if watch is not None and watch.live:
+    if watch is not None and watch.waiting():
         # tokend tells the watch of the next token the moment it has it.
         return token if token.expires_at - now >= min_valid else None
     margin = min(CACHE_MARGIN_MAX, max(0.0, token.expires_at - token.fetched_at) / 2)
@@ -375,15 +376,28 @@ _unwatchable: set[tuple[str, str]] = set()
 class _Watch:
     """Keeps one cached token current: long-polls tokend for each new token."""
 
-    __slots__ = ("key", "live", "stopped", "used_at")
+    __slots__ = ("conn", "key", "live", "stopped", "used_at")
 
     def __init__(self, key: tuple[str, str]) -> None:
         self.key = key
         # True while a long-poll is out for the version in the cache: a new token
         # would reach the cache without anyone asking.
         self.live = False
+        self.conn: socket.socket | None = None
         self.stopped = False
         self.used_at = time.monotonic()
+
+    def waiting(self) -> bool:
+        """Whether the long-poll is out and nothing has come back on it: not its
+        answer, nor the end of the connection (tokend stopped)."""
+        conn = self.conn
+        if not self.live or conn is None:
+            return False
+        try:
+            readable, _, _ = select.select([conn], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return not readable
 
     def run(self) -> None:
         path, account = self.key
@@ -397,9 +411,10 @@ class _Watch:
                 target = f"/v1/tokens/{_quote(account)}?after={cached.version}&wait={WATCH_WAIT:g}s"
                 self.live = True
                 try:
-                    status, body = _exchange(path, "GET", target, WATCH_WAIT + 15.0)
+                    status, body = _exchange(path, "GET", target, WATCH_WAIT + 15.0, self)
                 except (OSError, ValueError):
                     status, body = 0, b""
+                self.conn = None
                 if status == 200:
                     try:
                         token = _token_from(json.loads(body))
@@ -656,7 +671,9 @@ def _request(path: str, method: str, target: str, timeout: float) -> tuple[int, 
         ) from None
 
 
-def _exchange(path: str, method: str, target: str, timeout: float) -> tuple[int, bytes]:
+def _exchange(
+    path: str, method: str, target: str, timeout: float, watch: _Watch | None = None
+) -> tuple[int, bytes]:
     # A small client of its own: http.client would cost an import of email and ssl.
     deadline = time.monotonic() + timeout
     lines = [f"{method} {target} HTTP/1.1", "Host: tokend", "Accept: application/json"]
@@ -667,6 +684,8 @@ def _exchange(path: str, method: str, target: str, timeout: float) -> tuple[int,
         sock.settimeout(timeout)
         sock.connect(path)
         sock.sendall(request)
+        if watch is not None:
+            watch.conn = sock
         buffer = bytearray()
         while (end := buffer.find(b"\r\n\r\n")) < 0:
             if len(buffer) > _MAX_HEAD:
