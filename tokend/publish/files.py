@@ -747,6 +747,14 @@ class TokenFiles:
         first = known is None
         if first:
             self._prepare_account_dir(account, account_dir)
+        # Written here before; but another writer (a publisher being replaced by a
+        # reload, a person) may have swapped in a version since: then look again.
+        if (
+            known is not None
+            and known.directory is not None
+            and _current_version(account_dir) != known.directory
+        ):
+            known = replace(known, directory=None)
         if known is None or known.directory is None:
             # Not written by this process yet: look at what is on disk.
             previous = _current_version(account_dir)
