@@ -166,7 +166,7 @@ class Daemon:
         if self.config.serve.socket is not None:
             # Last: a connection it wakes finds the token files already written.
             feed = self.feed = TokenFeed(engine, self.config.serve.waiters_limit)
-            engine.publishers.append(feed)
+            engine.publishers = [*engine.publishers, feed]
             self.metrics.count_waiting(lambda: feed.waiting)
         return engine
 
