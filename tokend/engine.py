@@ -454,6 +454,7 @@ class Engine:
         """Hold ``account``'s lock; a wake-up that came meanwhile runs once it is free."""
         async with account.lock:
             yield
+        account.drop_idle_lock()
         if account.recheck:
             account.recheck = False
             self.wake(account.name)

@@ -303,7 +303,7 @@ def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = No
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(_LEVELS[level])
-    for noisy in ("apscheduler", "httpx", "httpcore", "asyncio"):
+    for noisy in ("httpx", "httpcore", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

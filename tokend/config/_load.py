@@ -12,6 +12,7 @@ name keys, types, environment variable names and expected forms instead.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import difflib
@@ -263,7 +264,16 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         )
         for name, provider in config.providers.items()
     }
-    accounts = {name: _resolve_account(account, base) for name, account in config.accounts.items()}
+    # Accounts set up alike (a fleet of client_credentials accounts, say) share one
+    # settings object: a model costs about 600 bytes, 60 MB at 100,000 accounts.
+    alike: dict[AccountConfig, AccountConfig] = {}
+    accounts = {}
+    for name, account in config.accounts.items():
+        resolved = _resolve_account(account, base)
+        # A field that cannot be hashed (a list): the account keeps its own.
+        with contextlib.suppress(TypeError):
+            resolved = alike.setdefault(resolved, resolved)
+        accounts[name] = resolved
     return config.model_copy(
         update={
             "state": _resolve_state(config.state, base),

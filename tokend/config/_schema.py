@@ -579,7 +579,9 @@ class AccountConfig(_Model):
     # Who may read this account's token over the socket (default: anyone who can
     # connect, which serve.socket_mode already limits).
     allow: AllowConfig | None = None
-    outputs: list[OutputConfig] = Field(default_factory=list)
+    # A tuple: one empty default for every account without outputs, and the model
+    # stays hashable (identical accounts then share one object, see _load).
+    outputs: tuple[OutputConfig, ...] = ()
     on_change: OnChangeConfig | None = None
     # Write rotated refresh tokens back to the vault:// seed (check-and-set); default on.
     write_back: bool | None = None
@@ -588,7 +590,7 @@ class AccountConfig(_Model):
 
     @field_validator("outputs")
     @classmethod
-    def _distinct_outputs(cls, outputs: list[OutputConfig]) -> list[OutputConfig]:
+    def _distinct_outputs(cls, outputs: tuple[OutputConfig, ...]) -> tuple[OutputConfig, ...]:
         names = [o.file for o in outputs]
         clashes = sorted({n for n in names if names.count(n) > 1 or n in ("token", "token.json")})
         if clashes:
