@@ -27,7 +27,6 @@ GROUPS = [
     ("structlog", ["structlog"]),
     ("httpx, httpcore", ["httpx"]),
     ("prometheus_client", ["prometheus_client"]),
-    ("apscheduler", ["apscheduler.schedulers.asyncio"]),
     ("tokend.config (the config models' validators)", ["tokend.config"]),
     ("the rest of tokend", ["tokend.daemon", "tokend.cli"]),
 ]
