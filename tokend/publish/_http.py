@@ -424,6 +424,33 @@ class _Connection(asyncio.Protocol):
     in order. ``run`` (the connection's task) performs the answers that must wait,
     and enforces the idle and head-read deadline."""
 
+    # Slots: a connection waiting for a token change is one of thousands.
+    __slots__ = (
+        "_attaching",
+        "_body_for",
+        "_buffer",
+        "_busy",
+        "_closed",
+        "_deadline",
+        "_eof",
+        "_handler",
+        "_idle_timeout",
+        "_job",
+        "_job_keep_alive",
+        "_job_scope",
+        "_listener",
+        "_max_head",
+        "_on_error",
+        "_parsed",
+        "_peer",
+        "_push",
+        "_push_keep_alive",
+        "_scan_from",
+        "_transport",
+        "_wake",
+        "_write_paused",
+    )
+
     def __init__(self, listener: HttpListener, peer: PeerCred | None) -> None:
         self._listener = listener
         self._handler = listener.handler
