@@ -262,7 +262,7 @@ def event_delay(options: Options, directory: Path, idp: Any) -> Row:
     many, forced = delays(directory, idp, DELAY_PER_ACCOUNT, DELAY_ACCOUNTS, rounds)
     p99, ref99 = percentile(many, 99), percentile(alone, 99)
     return Row(
-        "token received to event (durable commit and token files inside), 1,000 waiting long-polls, p99",
+        "token received to event (commit, files inside), 1,000 long-polls, p99",
         ms(p99),
         f"1 waiter {ms(ref99)}",
         f"{p99 / ref99:.2f}x",
