@@ -68,6 +68,7 @@ def import_notes() -> str:
 
 _PER_ACCOUNT = r"""
 import json, os, signal, socket, sys, tempfile, threading, time, tracemalloc
+from pathlib import Path
 sys.path.insert(0, sys.argv[2])
 from bench.scale import write_scale_config
 from bench._common import populate_store

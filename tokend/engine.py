@@ -385,7 +385,9 @@ class Engine:
         """Hand restored tokens to the publishers (their files may be missing or stale),
         a few accounts at a time: the socket serves them from memory at once, and a
         start with 100,000 accounts must not create 100,000 tasks."""
-        if not self.publishers:
+        # A publisher that only tells of changes (the socket's feed) has nothing to
+        # do with a restored token; 100,000 of them would only cost a pass.
+        if not any(getattr(p, "republishes", True) for p in self.publishers):
             return
         pending = iter([name for name, a in self.accounts.items() if a.published is not None])
 

@@ -48,6 +48,9 @@ REMOVED_EVENT = "removed"  # the account was removed from the config
 class TokenFeed:
     """Wakes connections waiting for token changes (a publisher; see the module doc)."""
 
+    # Tokens restored at a start are no change: the engine need not hand them over.
+    republishes = False
+
     def __init__(self, engine: Engine, max_waiters: int) -> None:
         self._engine = engine
         self._now = engine.clock.time
