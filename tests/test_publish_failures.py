@@ -139,8 +139,12 @@ def test_unwritable_token_files_are_shown_and_never_left_looking_valid(
             assert current["expires_at"] > time.time() - 2.5, current
         time.sleep(0.1)
     final = shown_token(tokend)
-    assert final is None or final.get("expired") is True
-    assert not (tokend.workdir / "tokens" / "alice" / "token").exists()
+    # Rewriting a version in place needs no new blocks: a newer token may have been
+    # written meanwhile after all. What must never be shown is an expired one.
+    if final is not None and final.get("expired") is not True:
+        assert final["expires_at"] > time.time() - 2.5, final
+    else:
+        assert not (tokend.workdir / "tokens" / "alice" / "token").exists()
 
     # Space comes back: the current token is written without waiting for a refresh.
     filler.unlink()
