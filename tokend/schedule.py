@@ -1,24 +1,23 @@
 """When each account is next due, and the one timer that wakes the engine for them.
 
-Per-account due times (unix seconds) live in a heap; one event-loop timer is armed
-for the earliest. When it fires, everything due by the clock's time is handed over at
-once, and the timer is armed again for a time still to come; a wake-up that comes a
-little early (the loop's timer runs on the monotonic clock, due times on the wall
-clock) finds nothing due and re-arms. A step of the wall clock is the engine's to
-handle (:meth:`RefreshSchedule.shift`, :meth:`RefreshSchedule.wake`).
+APScheduler decides *when*: one date job, armed for the earliest due time, with
+``misfire_grace_time=None`` (its 1 s default silently drops a late job) and
+``coalesce=True`` (a late wake-up runs once). Per-account due times live in a heap.
 
-Why not a scheduler library's job per account: with APScheduler, ``add_job`` cost
-60-140 µs and a job object about 1.5 KB, so 100,000 accounts took 6-13 s and ~100 MB
-just to schedule; a heap push is ~1 µs. Its one date job for the earliest time was
-kept for a while, but the library cost 2 MB of every tokend's memory for what one
-``call_at`` does.
+Why not one APScheduler job per account: ``add_job`` costs 60-140 µs (signature
+inspection, job modification, event dispatch) and a job object about 1.5 KB, so
+100,000 accounts took 6-13 s and ~100 MB just to schedule; a heap push is ~1 µs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import heapq
+import itertools
 from collections.abc import Callable
+from datetime import UTC, datetime
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from tokend.clock import Clock
 
@@ -37,24 +36,29 @@ class RefreshSchedule:
         self._job_id = job_id
         self._clock = clock
         self._due: dict[str, float] = {}
-        # (due time, name); an entry is live while _due[name] == due time. Names are
-        # unique, so they break ties: no sequence number (36 bytes an entry, 7 MB for
-        # the two schedules of 100,000 accounts).
-        self._heap: list[tuple[float, str]] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        # (due time, tie-breaker, name); an entry is live while _due[name] == due time.
+        self._heap: list[tuple[float, int, str]] = []
+        self._seq = itertools.count()
+        self._scheduler: AsyncIOScheduler | None = None
         self._armed_for: float | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        self._scheduler = AsyncIOScheduler(
+            event_loop=loop,
+            # A wake-up never waits on another: _fire has no await, so instances
+            # cannot interleave, and with max_instances=1 a wake-up due while the
+            # previous one's task is being reaped would be skipped, and a skipped date
+            # job is gone.
+            job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 64},
+        )
+        self._scheduler.start()
         self._armed_for = None
         self._arm()
 
     def shutdown(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._loop = None
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+            self._scheduler = None
 
     def __len__(self) -> int:
         return len(self._due)
@@ -65,7 +69,7 @@ class RefreshSchedule:
     def set(self, name: str, at: float) -> None:
         """``name`` is next due at unix time ``at`` (replacing any earlier setting)."""
         self._due[name] = at
-        heapq.heappush(self._heap, (at, name))
+        heapq.heappush(self._heap, (at, next(self._seq), name))
         if len(self._heap) > 2 * len(self._due) + _COMPACT_SLACK:
             self._compact()
         if self._armed_for is None or at < self._armed_for:
@@ -87,46 +91,48 @@ class RefreshSchedule:
         self._arm()
 
     def _compact(self) -> None:
-        self._heap = [(at, name) for name, at in self._due.items()]
+        self._heap = [(at, next(self._seq), name) for name, at in self._due.items()]
         heapq.heapify(self._heap)
 
     def _earliest(self) -> float | None:
         heap = self._heap
         while heap:
-            at, name = heap[0]
+            at, _, name = heap[0]
             if self._due.get(name) == at:
                 return at
             heapq.heappop(heap)  # superseded or removed
         return None
 
     def _arm(self) -> None:
-        loop = self._loop
-        if loop is None:
+        scheduler = self._scheduler
+        if scheduler is None:
             return
         at = self._earliest()
         if at is None:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+            if scheduler.get_job(self._job_id) is not None:
+                scheduler.remove_job(self._job_id)
             self._armed_for = None
             return
         if at == self._armed_for:
             return
-        if self._timer is not None:
-            self._timer.cancel()
         self._armed_for = at
-        self._timer = loop.call_later(max(0.0, at - self._clock.time()), self._fire)
+        scheduler.add_job(
+            self._fire,
+            trigger="date",
+            run_date=datetime.fromtimestamp(at, tz=UTC),
+            id=self._job_id,
+            replace_existing=True,
+        )
 
-    def _fire(self) -> None:
-        # On the event loop: collect everything due by now, so the timer is only ever
-        # re-armed for a time still to come.
-        self._timer = None
+    async def _fire(self) -> None:
+        # Runs on the event loop (a coroutine job): collect everything due by now, so
+        # the timer is only ever re-armed for a time still to come.
         self._armed_for = None
         now = self._clock.time()
         due: list[str] = []
         heap = self._heap
         while heap and heap[0][0] <= now:
-            at, name = heapq.heappop(heap)
+            at, _, name = heapq.heappop(heap)
             if self._due.get(name) == at:
                 del self._due[name]
                 due.append(name)
