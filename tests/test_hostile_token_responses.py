@@ -28,6 +28,7 @@ from tokend.oauth._parse import (
     MAX_TOKEN_CHARS,
     classify_response,
 )
+from tokend.policy import is_lost_response
 
 NOW = 1_700_000_000.0
 JSON = {"Content-Type": "application/json"}
@@ -118,6 +119,19 @@ def test_tokens_that_are_not_visible_ascii_or_too_long_are_refused(field: str, v
     assert value[:20] not in failure.summary()
 
 
+def test_a_refused_answer_keeps_a_usable_rotated_refresh_token_out_of_sight() -> None:
+    failure = unusable(classify({"access_token": "at\n", "refresh_token": "rt-new-1234"}))
+    assert failure.rotated_refresh_token == "rt-new-1234"
+    assert "rt-new-1234" not in repr(failure) and "rt-new-1234" not in failure.summary()
+    assert not is_lost_response(failure)
+    # A refresh token that cannot be used either: nothing to keep, and the answer counts
+    # as lost (the IdP may have rotated to a token tokend never saw).
+    both_bad = unusable(classify({"access_token": "at\n", "refresh_token": "rt\n"}))
+    assert both_bad.rotated_refresh_token is None and is_lost_response(both_bad)
+    no_refresh = unusable(classify({"access_token": "at", "scope": "a\tb"}))
+    assert no_refresh.rotated_refresh_token is None and is_lost_response(no_refresh)
+
+
 def test_the_longest_token_allowed_is_kept_whole() -> None:
     long_token = "a" * MAX_TOKEN_CHARS
     outcome = classify({"access_token": long_token, "refresh_token": long_token})
@@ -196,6 +210,47 @@ def test_hostile_answers_from_the_idp_are_refused_or_bounded(
     assert tokend.stop() == 0
     assert tokend.events("_non_json") == []
     assert tokend.events("request_failed") == []
+
+
+def test_a_refused_answer_that_rotated_keeps_its_refresh_token(
+    fresh_idp: IdP, tokend_factory: Any, short_dir: Path
+) -> None:
+    """A 2xx whose access token (or type, or scope) cannot be used, but whose rotated
+    refresh token can: the IdP has already spent the old one, so tokend saves the new
+    one and goes on with it. With no reuse grace, sending the old one again would be a
+    reuse the IdP punishes by revoking the grant."""
+    fresh_idp.configure(access_token_ttl=60, reuse_grace_seconds=0)
+    sock = short_dir / "tokend.sock"
+    config = socket_config(fresh_idp, sock, force_refresh_interval=0)
+    add_account(config, fresh_idp, "alice")
+    tokend = start(tokend_factory(config), sock)
+    wait_for_token(sock, "alice")
+    client = RawClient(sock)
+    bad_fields: list[dict[str, Any]] = [
+        {"access_token": "at-x\r\nX-Injected: 1"},
+        {"token_type": "Bearer\r\nX-Injected: 1"},
+        {"scope": "read\twrite"},
+    ]
+    for count, fields in enumerate(bad_fields, start=1):
+        fresh_idp.clear_log()
+        # "override": oidc-provider handles the request (rotating the refresh token),
+        # then the answer's fields are replaced.
+        fresh_idp.fault("override", count=1, fields=fields)
+        answer = client.request("POST", "/v1/tokens/alice/refresh")
+        assert answer.status == 503, answer
+        assert "refresh token was kept" in answer.json()["last_error"], answer.json()
+        tokend.wait_event("refresh", account="alice", outcome="transient", count=count)
+        # The next refresh presents the rotated token, and the IdP accepts it.
+        assert client.request("POST", "/v1/tokens/alice/refresh").status == 200
+        sent = [entry for entry in fresh_idp.log() if entry["grant_type"] == "refresh_token"]
+        assert [entry["status"] for entry in sent] == [200, 200], sent
+        assert sent[0]["refresh_token_sha256"] != sent[1]["refresh_token_sha256"]
+        assert not any(entry["grace_reuse"] or entry["error"] for entry in sent)
+    accounts = client.request("GET", "/v1/accounts").json()["accounts"]
+    assert [(each["name"], each["state"]) for each in accounts] == [("alice", "valid")]
+    client.close()
+    assert tokend.stop() == 0
+    outputs_are_clean(tokend.workdir)
 
 
 @pytest.mark.parametrize(

@@ -300,7 +300,31 @@ class Refresh:
             await self._on_success(account, provider, outcome, refresh_token, duration)
             return False
         account.state = previous_state
+        grant = account.config.grant
+        rotated = outcome.rotated_refresh_token if grant == "refresh_token" else None
+        if rotated is not None and not await self._keep_rotated(account, rotated, refresh_token):
+            return False  # held unsaved: its commit comes before any other request
         return await self._on_failure(account, provider, outcome, duration)
+
+    async def _keep_rotated(
+        self, account: Account, rotated: str, used_refresh_token: str | None
+    ) -> bool:
+        """The answer was refused, but the refresh token it rotated to is usable: it is
+        the only live one now, so it is committed like any other (durable first)."""
+        register_secret(rotated)
+        record = account.record.evolve(
+            refresh_token=rotated, in_flight_since=None, updated_at=self.host.clock.time()
+        )
+        published = account.published
+        with anyio.CancelScope(shield=True):
+            committed = await self.commit(account, record)
+        if committed:
+            if rotated != used_refresh_token:
+                forget_secret(used_refresh_token)
+            # The access token still served is the one from before: its refresh is due
+            # as the policy's retry says, not as its own expiry would.
+            account.last_refresh_at = published.issued_at if published else None
+        return committed
 
     # -- commit, write back, publish -------------------------------------------------------
 

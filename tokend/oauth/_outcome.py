@@ -54,6 +54,9 @@ class TokenFailure:
     # False when the request certainly never reached the IdP (connection refused,
     # DNS failure): the refresh token was not spent.
     request_sent: bool = True
+    # A 2xx refused for another field (the access token, its type, its scope) may
+    # still carry a usable refresh token: the IdP has rotated, so it is the chain now.
+    rotated_refresh_token: str | None = field(default=None, repr=False)
 
     def summary(self) -> str:
         parts = [self.kind.value, self.reason]

@@ -253,6 +253,16 @@ def parse_token_fields(document: Mapping[str, object]) -> TokenResponse | None:
     )
 
 
+def _usable_refresh_token(document: Mapping[str, object]) -> str | None:
+    value = document.get("refresh_token")
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return _check_token("refresh_token", value)
+    except UnusableField:
+        return None
+
+
 def decode_json_object(body: bytes) -> dict[str, object] | None:
     """The body as a JSON object, or None when it is not one."""
     try:
@@ -323,10 +333,19 @@ def classify_response(
         try:
             token = parse_token_fields(document)
         except UnusableField as exc:
-            # Transient with a 2xx status: the IdP may have rotated the refresh token
-            # in this answer, so the policy treats it as a response that was lost.
+            # Transient with a 2xx status: the IdP may have rotated the refresh token in
+            # this answer. If that token is usable, it is kept (the old one is spent);
+            # if not, the policy treats the answer as a response that was lost.
+            rotated = _usable_refresh_token(document)
+            description = str(exc)
+            if rotated is not None:
+                description += "; the refresh token was kept"
             return TokenFailure(
-                FailureKind.TRANSIENT, "invalid_token_response", status=status, description=str(exc)
+                FailureKind.TRANSIENT,
+                "invalid_token_response",
+                status=status,
+                description=description,
+                rotated_refresh_token=rotated,
             )
         if token is not None:
             return token

@@ -62,6 +62,8 @@ def is_lost_response(failure: TokenFailure) -> bool:
     """
     if failure.kind is not FailureKind.TRANSIENT or not failure.request_sent:
         return False
+    if failure.rotated_refresh_token is not None:
+        return False  # the answer arrived with the new refresh token: nothing was lost
     status = failure.status
     return status is None or 200 <= status < 300 or status in _GATEWAY_LOST
 
