@@ -4,6 +4,7 @@ driven over HTTP as a browser would, and the refresh token becoming the account'
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -390,6 +391,76 @@ def test_revoke_ends_the_grant_at_the_idp(fresh_idp: IdP, workdir: Path) -> None
     # ...and tokend does not fall back to the configured seed.
     assert run_once(workdir).returncode == 1
     assert stored_refresh_token(workdir) is None
+
+
+def test_revoke_while_the_daemon_runs_ends_the_grant_there(
+    fresh_idp: IdP, tokend_factory: Any
+) -> None:
+    from tests.test_socket_api import RawClient
+
+    short = Path(tempfile.mkdtemp(prefix="td"))
+    try:
+        sock = short / "tokend.sock"
+        config = login_config(fresh_idp, refresh_token=fresh_idp.seed("login-client"))
+        config["serve"]["socket"] = str(sock)
+        tokend = tokend_factory(config).start()
+        tokend.wait_event("refresh", account="alice", outcome="success")
+        held = stored_refresh_token(tokend.workdir)
+        assert held
+        fresh_idp.clear_log()
+
+        result = subprocess.run(
+            [sys.executable, "-m", "tokend", "revoke", "alice", "-c", "config.yaml"],
+            cwd=tokend.workdir,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        assert "revoked at the provider" in result.stderr
+        assert held not in result.stderr + result.stdout + tokend.log_text()
+        revoked = tokend.wait_event("account_revoked", account="alice")
+        assert revoked[0]["source"] == "revoke"
+
+        # The daemon hands out nothing, its files show the expired version, and the
+        # account says what to do.
+        with contextlib.closing(RawClient(sock)) as client:
+            assert client.request("GET", "/v1/tokens/alice").status == 503
+            accounts = client.request("GET", "/v1/accounts").json()["accounts"]
+            assert accounts[0]["state"] == "needs_reauth"
+            assert "tokend login" in accounts[0]["last_error"]
+            assert client.request("GET", "/v1/accounts/alice/revoke").status == 405
+            assert client.request("POST", "/v1/accounts/nobody/revoke").status == 404
+        shown = json.loads((tokend.workdir / "tokens" / "alice" / "token.json").read_text())
+        assert (shown["access_token"], shown["expired"]) == (None, True)
+        assert stored_refresh_token(tokend.workdir) is None
+        # The IdP saw the revocation (two: refresh then access token) and no refresh.
+        assert [e for e in fresh_idp.log() if e["grant_type"] == "refresh_token"] == []
+        refused = httpx.post(
+            fresh_idp.token_endpoint,
+            data={"grant_type": "refresh_token", "refresh_token": held},
+            auth=("login-client", LOGIN_SECRET),
+        )
+        assert refused.json()["error"] == "invalid_grant"
+
+        # A restart keeps it waiting for a sign-in, and a second revoke has nothing to do.
+        assert tokend.stop() == 0
+        refreshes = len(tokend.events("refresh", account="alice"))
+        tokend.start()
+        tokend.wait_event("socket_listening", count=2)
+        again = subprocess.run(
+            [sys.executable, "-m", "tokend", "revoke", "alice", "-c", "config.yaml"],
+            cwd=tokend.workdir,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert again.returncode == 0, again.stderr
+        assert "nothing to revoke" in again.stderr
+        assert len(tokend.events("refresh", account="alice")) == refreshes
+        assert tokend.stop() == 0
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
 
 
 def test_revocation_answers() -> None:

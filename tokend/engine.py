@@ -60,7 +60,13 @@ from tokend.refresh import (
     put,
     unusable,
 )
-from tokend.revoke import RevokeError, revoke_refresh_token, revokes_on_remove
+from tokend.revoke import (
+    REVOKED_NOTE,
+    RevokeError,
+    revoke_refresh_token,
+    revoke_token,
+    revokes_on_remove,
+)
 from tokend.runtime import Account, ProviderRuntime
 from tokend.schedule import RefreshSchedule
 from tokend.seed import new_seed_record, write_seed_file
@@ -775,6 +781,72 @@ class Engine:
             _log.error("revoke_failed", account=account.name, error=str(exc))
             return
         _log.info("account_revoked", account=account.name, provider=account.provider)
+
+    async def revoke(self, name: str) -> str:
+        """``tokend revoke`` while the daemon runs: revoke the account's refresh token at
+        the IdP (RFC 7009), then its access token, under the account's lock so no refresh
+        presents the token meanwhile; the record then holds neither (``needs_reauth``)
+        and nothing valid-looking is left published. Returns what happened, for the user.
+        Raises KeyError for an unknown account, RevokeError when the IdP did not revoke
+        (nothing changed), StoreError when it did but the record could not be updated."""
+        account = self.accounts[name]
+        provider = self.providers[account.provider]
+        async with self._holding(account):
+            if account.unsaved is not None:
+                # The unsaved record holds the live token: saved first, it is revoked.
+                await self._refresh.commit_unsaved(account)
+                if account.unsaved is not None:
+                    raise RevokeError(
+                        "a rotated refresh token is still waiting to be saved; try again "
+                        "once the store answers"
+                    )
+            client = provider.client
+            if client is None:
+                raise RevokeError(provider.setup_error or "the provider is not set up")
+            refresh_token = account.record.refresh_token
+            access = account.published
+            now = self.clock.time()
+            valid_access = access is not None and access.is_valid(now)
+            if refresh_token is None and not valid_access:
+                return "tokend holds no token for this account; nothing to revoke"
+            if refresh_token is not None:
+                await revoke_token(client, refresh_token, "refresh_token")
+            access_note = ""
+            if access is not None and valid_access:
+                try:
+                    await revoke_token(client, access.access_token, "access_token")
+                except RevokeError as exc:
+                    # The grant is gone; the access token dies with its expiry.
+                    access_note = f" (the access token was not revoked: {exc})"
+            account.record = await put(
+                self,
+                account.record.evolve(
+                    refresh_token=None,
+                    token=None,
+                    in_flight_since=None,
+                    last_outcome=FailureKind.ACCOUNT_PERMANENT.value,
+                    last_error=REVOKED_NOTE,
+                    updated_at=now,
+                ),
+            )
+            account.state = AccountState.NEEDS_REAUTH
+            account.last_error = REVOKED_NOTE
+            account.next_attempt_at = None
+            self._unschedule(name)
+            if access is not None:
+                # No reader may be handed the revoked token: the socket stops serving it
+                # and the files show the expired version at once.
+                account.published = None
+                self.expiries.remove(name)
+                for publisher in self.publishers:
+                    if isinstance(publisher, ExpiringPublisher):
+                        await publisher.expire(name, max(now, access.expires_at))
+            _log.warning(
+                "account_revoked", account=name, provider=account.provider, source="revoke"
+            )
+        return "revoked at the provider; the account needs a new sign-in (tokend login)" + (
+            access_note
+        )
 
     async def replace_seed(self, name: str, seed: str) -> Account:
         """A new seed from a sign-in (``tokend login``): written to the account's seed

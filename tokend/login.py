@@ -18,9 +18,7 @@ directly. The token is never printed.
 
 from __future__ import annotations
 
-import http.client
 import os
-import socket
 import sys
 import threading
 import time
@@ -35,6 +33,7 @@ import anyio
 import anyio.abc
 import orjson
 
+from tokend._daemon_call import DaemonCallFailed, DaemonNotRunning, call_daemon
 from tokend.config import AccountConfig, Config, ConfigError, load_config, resolve_config_path
 from tokend.oauth import ProviderClient, ProviderSetupError, TokenFailure, TokenResponse
 from tokend.oauth._authorize import (
@@ -335,10 +334,6 @@ async def device_login(
 # -- where the new seed goes ---------------------------------------------------------------
 
 
-class DaemonNotRunning(Exception):
-    """Nothing answers on the socket."""
-
-
 async def deliver_seed(config: Config, name: str, aconf: AccountConfig, seed: str) -> str:
     """Make ``seed`` the account's seed; returns what happened, for the user."""
     if aconf.vault_ref is not None:
@@ -357,33 +352,19 @@ async def deliver_seed(config: Config, name: str, aconf: AccountConfig, seed: st
 def hand_seed_to_daemon(socket_path: Path, name: str, seed: str) -> str:
     """PUT the seed to the running daemon; raises DaemonNotRunning when none answers,
     LoginError when it refuses."""
-    body = orjson.dumps({"refresh_token": seed})
-    conn = _UnixConnection(os.fspath(socket_path), _HANDOFF_TIMEOUT)
     try:
-        try:
-            conn.request(
-                "PUT",
-                f"/v1/accounts/{quote(name, safe='')}/seed",
-                body=body,
-                headers={"Content-Type": "application/json", "Accept": "application/json"},
-            )
-            response = conn.getresponse()
-            status, answer = response.status, response.read()
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise DaemonNotRunning from None
-        except (OSError, http.client.HTTPException) as exc:
-            raise LoginError(
-                f"handing the new refresh token to tokend at {socket_path} failed "
-                f"({type(exc).__name__}); it was not stored: run tokend login again"
-            ) from None
-    finally:
-        conn.close()
-    try:
-        data = orjson.loads(answer)
-    except orjson.JSONDecodeError:
-        data = {}
-    if not isinstance(data, dict):
-        data = {}
+        status, data = call_daemon(
+            socket_path,
+            "PUT",
+            f"/v1/accounts/{quote(name, safe='')}/seed",
+            body=orjson.dumps({"refresh_token": seed}),
+            timeout=_HANDOFF_TIMEOUT,
+        )
+    except DaemonCallFailed as exc:
+        raise LoginError(
+            f"handing the new refresh token to tokend at {socket_path} failed "
+            f"({exc}); it was not stored: run tokend login again"
+        ) from None
     if status == 200:
         state = data.get("state")
         detail = f" ({data['last_error']})" if data.get("last_error") else ""
@@ -405,22 +386,6 @@ def hand_seed_to_daemon(socket_path: Path, name: str, seed: str) -> str:
             "after adding the account, then run tokend login again"
         )
     raise LoginError(f"the running tokend refused the new refresh token: {error}")
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self._path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
 
 
 async def write_vault_seed(config: Config, name: str, aconf: AccountConfig, seed: str) -> str:

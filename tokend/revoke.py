@@ -4,19 +4,22 @@ The refresh token tokend holds (the store's, else the configured seed) is revoke
 the provider's ``revocation_endpoint``, then the access token if one is still valid.
 The stored record then holds neither, and says why: the account is ``needs_reauth``
 until ``tokend login`` (or a new seed) revives it. Nothing is printed of any token.
+With the daemon running, the daemon does it (``POST /v1/accounts/NAME/revoke`` on its
+socket): it holds the store and the account's current refresh token.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import time
 from pathlib import Path
 from typing import TextIO
+from urllib.parse import quote
 
 import anyio
 
+from tokend._daemon_call import DaemonCallFailed, DaemonNotRunning, call_daemon
 from tokend.config import (
     AccountConfig,
     Config,
@@ -28,6 +31,9 @@ from tokend.config import (
 from tokend.oauth import ProviderClient, ProviderSetupError, TokenFailure
 from tokend.oauth._http import RawResponse
 from tokend.oauth._parse import clean_error_code, decode_json_object
+
+# Revoking is one request or two at the IdP, each bounded by the provider's timeout.
+_DAEMON_TIMEOUT = 120.0
 
 REVOKED_NOTE = "refresh token revoked by tokend revoke; run tokend login to sign in again"
 
@@ -51,16 +57,14 @@ def revoke_command(account: str, *, config_arg: str | None, err: TextIO = sys.st
         known = ", ".join(sorted(config.accounts)) or "none"
         print(f"{path}: no account {account!r} (accounts: {known})", file=err)
         return 2
-    socket_path = config.serve.socket
-    if socket_path is not None and daemon_answers(socket_path):
-        print(
-            f"tokend revoke {account}: tokend is running on {socket_path}: stop it first "
-            "(it holds the store and the account's current refresh token)",
-            file=err,
-        )
-        return 1
     try:
-        message = anyio.run(_revoke_stored, config, account, aconf)
+        message = None
+        if config.serve.socket is not None:
+            # A running daemon holds the store and the account's current refresh token:
+            # it revokes, under the account's lock.
+            message = revoke_in_daemon(config.serve.socket, account)
+        if message is None:
+            message = anyio.run(_revoke_stored, config, account, aconf)
     except RevokeError as exc:
         print(f"tokend revoke {account}: {exc}", file=err)
         return 1
@@ -68,15 +72,43 @@ def revoke_command(account: str, *, config_arg: str | None, err: TextIO = sys.st
     return 0
 
 
-def daemon_answers(socket_path: Path) -> bool:
-    """Whether a process accepts connections on the daemon's socket."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(2.0)
-        try:
-            probe.connect(os.fspath(socket_path))
-        except OSError:
-            return False
-    return True
+def revoke_in_daemon(socket_path: Path, name: str) -> str | None:
+    """Have the running daemon revoke ``name``: what happened, or None when no daemon
+    answers on ``socket_path``. Raises RevokeError when it did not revoke."""
+    try:
+        status, data = call_daemon(
+            socket_path,
+            "POST",
+            f"/v1/accounts/{quote(name, safe='')}/revoke",
+            timeout=_DAEMON_TIMEOUT,
+        )
+    except DaemonNotRunning:
+        return None
+    except DaemonCallFailed as exc:
+        raise RevokeError(
+            f"asking tokend at {socket_path} to revoke failed ({exc}); see its log for "
+            "whether it did"
+        ) from None
+    detail = data.get("detail")
+    if status == 200:
+        return str(data.get("message") or "revoked at the provider")
+    if status == 403:
+        raise RevokeError(
+            "the running tokend revokes only for its own user or root; run tokend revoke "
+            "as that user"
+        )
+    if status == 404 and data.get("error") == "unknown_account":
+        raise RevokeError(
+            f"the running tokend has no account {name!r}: it may not have reloaded its "
+            "config (SIGHUP)"
+        )
+    if status in (404, 405):
+        raise RevokeError(
+            f"the running tokend at {socket_path} does not revoke over its socket: stop "
+            "it, then run tokend revoke again"
+        )
+    error = data.get("error") or f"HTTP {status}"
+    raise RevokeError(f"{error}: {detail}" if detail else str(error))
 
 
 def revokes_on_remove(account: AccountConfig, provider: ProviderConfig | None) -> bool:

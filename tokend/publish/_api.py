@@ -43,6 +43,12 @@ On the unix socket::
         wait): 200 with the account as in /v1/accounts, never the token; 403
         {"error": "forbidden"}, 400 (not JSON, no refresh_token, a client_credentials
         account), 503 {"error": "store_unavailable"} when it could not be committed.
+    POST /v1/accounts/{account}/revoke
+        ``tokend revoke`` while the daemon runs, from the same peers as a seed: the
+        refresh token (then the access token) is revoked at the provider (RFC 7009),
+        the record keeps neither, and the account is needs_reauth. 200 with the account
+        as in /v1/accounts plus "message"; 502 {"error": "revoke_failed", "detail"}
+        when the provider did not revoke (nothing changed); 503 "store_unavailable".
     GET  /healthz   200 while the process and its event loop answer.
     GET  /readyz    200 {"ready": true}, or 503 {"ready": false, "not_ready": [...]}
                     while a required account holds no valid token or its token
@@ -95,6 +101,7 @@ _TOKENS_PREFIX = b"/v1/tokens/"
 _REFRESH_SUFFIX = b"/refresh"
 _ACCOUNTS_PREFIX = b"/v1/accounts/"
 _SEED_SUFFIX = b"/seed"
+_REVOKE_SUFFIX = b"/revoke"
 _SECONDS = re.compile(rb"[0-9]{1,9}(?:\.[0-9]{1,6})?")
 _VERSION = re.compile(rb"[0-9]{1,19}")
 _WAIT = re.compile(rb"([0-9]{1,9}(?:\.[0-9]{1,6})?)s?")
@@ -132,7 +139,9 @@ class _Gate:
 
 # What a request asks for, decided from the request alone (method, path, query,
 # Accept) once per distinct request head and kept in ``Request.memo``.
-_TOKEN, _REFRESH, _ACCOUNTS, _HEALTHZ, _READYZ, _METRICS, _FIXED, _SEED, _EVENTS = range(9)
+_TOKEN, _REFRESH, _ACCOUNTS, _HEALTHZ, _READYZ, _METRICS, _FIXED, _SEED, _EVENTS, _REVOKE = range(
+    10
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +232,8 @@ class Api:
             return self._reply("accounts", 200, self._accounts())
         if kind == _SEED:
             return self._seed(plan.account, peer, body)
+        if kind == _REVOKE:
+            return self._revoke(plan.account, peer)
         if kind == _READYZ:
             return self._readyz()
         if kind == _METRICS:
@@ -241,6 +252,13 @@ class Api:
             if method != b"PUT":
                 return _fixed("seed", 405, _PUT_ONLY)
             return _Plan(_SEED, "seed", name.decode("ascii"))
+        if self._tokens and path.startswith(_ACCOUNTS_PREFIX) and path.endswith(_REVOKE_SUFFIX):
+            name = path[len(_ACCOUNTS_PREFIX) : -len(_REVOKE_SUFFIX)]
+            if not name or b"/" in name:
+                return _fixed("other", 404, _NOT_FOUND)
+            if method != b"POST":
+                return _fixed("revoke", 405, _POST_ONLY)
+            return _Plan(_REVOKE, "revoke", name.decode("ascii"))
         if self._tokens and path == _EVENTS_PATH:
             return _events_plan(request)
         routes = _TOKEN_ROUTES if self._tokens else _PROBE_ROUTES
@@ -484,6 +502,37 @@ class Api:
             return self._reply("seed", 404, _UNKNOWN_ACCOUNT)
         view = _account_view(account, self._now(), self._publish_failures().get(name))
         return self._reply("seed", 200, json_response(200, view))
+
+    # -- revocation -------------------------------------------------------------------------------
+
+    def _revoke(self, name: str, peer: PeerCred | None) -> Reply:
+        if name not in self._engine.accounts:
+            return self._reply("revoke", 404, _UNKNOWN_ACCOUNT)
+        # Ending the grant ends every reader's tokens: the same peers as a new seed.
+        if peer is None or peer.uid not in (0, os.getuid()):
+            return self._reply("revoke", 403, _FORBIDDEN)
+        return self._revoke_account(name)
+
+    async def _revoke_account(self, name: str) -> bytes:
+        from tokend.revoke import RevokeError
+        from tokend.store import StoreError
+
+        try:
+            message = await self._engine.revoke(name)
+        except KeyError:
+            return self._reply("revoke", 404, _UNKNOWN_ACCOUNT)
+        except RevokeError as exc:
+            return self._reply("revoke", 502, error_response(502, "revoke_failed", detail=str(exc)))
+        except StoreError as exc:
+            detail = f"revoked at the provider, but the store could not be updated: {exc}"
+            return self._reply(
+                "revoke", 503, error_response(503, "store_unavailable", detail=detail)
+            )
+        account = self._engine.accounts.get(name)
+        if account is None:
+            return self._reply("revoke", 404, _UNKNOWN_ACCOUNT)
+        view = _account_view(account, self._now(), self._publish_failures().get(name))
+        return self._reply("revoke", 200, json_response(200, {**view, "message": message}))
 
     # -- state, probes, metrics -----------------------------------------------------------------
 
