@@ -114,14 +114,18 @@ def stored_refresh_token(workdir: Path, account: str = "alice") -> str | None:
     return row[0] if row else None
 
 
-def run_once(workdir: Path) -> subprocess.CompletedProcess[str]:
+def tokend_command(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "tokend", "run", "-c", "config.yaml", "--once"],
+        [sys.executable, "-m", "tokend", *args, "-c", "config.yaml"],
         cwd=workdir,
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def run_once(workdir: Path) -> subprocess.CompletedProcess[str]:
+    return tokend_command(workdir, "run", "--once")
 
 
 # -- end to end: an empty account to a running one -------------------------------------------
@@ -362,19 +366,17 @@ def test_device_poll_step_backs_off_on_transient_failures() -> None:
 # -- tokend revoke -------------------------------------------------------------------------------
 
 
+def revoke(workdir: Path) -> subprocess.CompletedProcess[str]:
+    return tokend_command(workdir, "revoke", "alice")
+
+
 def test_revoke_ends_the_grant_at_the_idp(fresh_idp: IdP, workdir: Path) -> None:
     write_config(workdir, login_config(fresh_idp, refresh_token=fresh_idp.seed("login-client")))
     assert run_once(workdir).returncode == 0
     held = stored_refresh_token(workdir)
     assert held
 
-    result = subprocess.run(
-        [sys.executable, "-m", "tokend", "revoke", "alice", "-c", "config.yaml"],
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = revoke(workdir)
     assert result.returncode == 0, result.stderr
     assert "revoked at the provider" in result.stderr
     assert held not in result.stderr + result.stdout
@@ -409,13 +411,7 @@ def test_revoke_while_the_daemon_runs_ends_the_grant_there(
         assert held
         fresh_idp.clear_log()
 
-        result = subprocess.run(
-            [sys.executable, "-m", "tokend", "revoke", "alice", "-c", "config.yaml"],
-            cwd=tokend.workdir,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        result = revoke(tokend.workdir)
         assert result.returncode == 0, result.stderr
         assert "revoked at the provider" in result.stderr
         assert held not in result.stderr + result.stdout + tokend.log_text()
@@ -448,13 +444,7 @@ def test_revoke_while_the_daemon_runs_ends_the_grant_there(
         refreshes = len(tokend.events("refresh", account="alice"))
         tokend.start()
         tokend.wait_event("socket_listening", count=2)
-        again = subprocess.run(
-            [sys.executable, "-m", "tokend", "revoke", "alice", "-c", "config.yaml"],
-            cwd=tokend.workdir,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        again = revoke(tokend.workdir)
         assert again.returncode == 0, again.stderr
         assert "nothing to revoke" in again.stderr
         assert len(tokend.events("refresh", account="alice")) == refreshes

@@ -367,7 +367,8 @@ def test_chaos_short_kill9_during_rotation_loses_nothing_inside_a_grace(
     """A short run of ``python -m bench chaos``: kill -9 at random moments while short
     tokens rotate, then a clean run. With a reuse grace (Okta's 30 s, generous enough
     for a slow machine's restarts; the benchmark measures a grace of a few seconds) no
-    account is lost, and fewer grace reuses are needed than there were kills."""
+    account is lost, and every refresh token presented twice (a rotation a kill lost: one
+    kill may lose several accounts' at once) is one the grace accepted."""
     from bench.chaos import run_chaos
 
     provider = base_config(fresh_idp)["providers"]["idp"]
@@ -384,7 +385,7 @@ def test_chaos_short_kill9_during_rotation_loses_nothing_inside_a_grace(
     )
     assert result.lost == []
     assert result.grace_reuses == result.represented
-    assert result.represented <= result.kills
+    assert result.represented <= result.kills * result.accounts
     assert result.refreshes > result.kills
 
 

@@ -646,6 +646,9 @@ def test_readiness_follows_the_first_token_and_tcp_serves_probes_only(
     fresh_idp.fault("status_500")
     sock = short_dir / "tokend.sock"
     config = socket_config(fresh_idp, sock, metrics_listen="127.0.0.1:0")
+    # Readiness is what is tested, not the breaker: its 30 s cooldown, opened by the
+    # failures a slow machine lets pile up, would outlast the wait for readiness.
+    config["providers"]["idp"]["breaker"] = {"failure_threshold": 1000}
     seed = add_account(config, fresh_idp, "alice")
     add_account(config, fresh_idp, "optional", required=False)
     tokend = start(tokend_factory(config), sock)

@@ -142,6 +142,11 @@ class _Gate:
 _TOKEN, _REFRESH, _ACCOUNTS, _HEALTHZ, _READYZ, _METRICS, _FIXED, _SEED, _EVENTS, _REVOKE = range(
     10
 )
+# /v1/accounts/{account}/...: suffix -> (kind, route name, method, answer to another).
+_ACCOUNT_ACTIONS = {
+    _SEED_SUFFIX: (_SEED, "seed", b"PUT", _PUT_ONLY),
+    _REVOKE_SUFFIX: (_REVOKE, "revoke", b"POST", _POST_ONLY),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,20 +250,16 @@ class Api:
         path, method = request.path, request.method
         if self._tokens and path.startswith(_TOKENS_PREFIX):
             return _token_plan(request, path[len(_TOKENS_PREFIX) :])
-        if self._tokens and path.startswith(_ACCOUNTS_PREFIX) and path.endswith(_SEED_SUFFIX):
-            name = path[len(_ACCOUNTS_PREFIX) : -len(_SEED_SUFFIX)]
-            if not name or b"/" in name:
-                return _fixed("other", 404, _NOT_FOUND)
-            if method != b"PUT":
-                return _fixed("seed", 405, _PUT_ONLY)
-            return _Plan(_SEED, "seed", name.decode("ascii"))
-        if self._tokens and path.startswith(_ACCOUNTS_PREFIX) and path.endswith(_REVOKE_SUFFIX):
-            name = path[len(_ACCOUNTS_PREFIX) : -len(_REVOKE_SUFFIX)]
-            if not name or b"/" in name:
-                return _fixed("other", 404, _NOT_FOUND)
-            if method != b"POST":
-                return _fixed("revoke", 405, _POST_ONLY)
-            return _Plan(_REVOKE, "revoke", name.decode("ascii"))
+        if self._tokens and path.startswith(_ACCOUNTS_PREFIX):
+            for suffix, (kind, route, allowed, refusal) in _ACCOUNT_ACTIONS.items():
+                if not path.endswith(suffix):
+                    continue
+                name = path[len(_ACCOUNTS_PREFIX) : -len(suffix)]
+                if not name or b"/" in name:
+                    return _fixed("other", 404, _NOT_FOUND)
+                if method != allowed:
+                    return _fixed(route, 405, refusal)
+                return _Plan(kind, route, name.decode("ascii"))
         if self._tokens and path == _EVENTS_PATH:
             return _events_plan(request)
         routes = _TOKEN_ROUTES if self._tokens else _PROBE_ROUTES
