@@ -791,6 +791,13 @@ class Engine:
         (nothing changed), StoreError when it did but the record could not be updated."""
         account = self.accounts[name]
         provider = self.providers[account.provider]
+        store = self.store
+        if isinstance(store, SharedStore) and store.owned_elsewhere(name):
+            # Only the owner may write the record: revoked here, the owner would go on
+            # presenting the dead token.
+            raise RevokeError(
+                "another replica owns this account: run tokend revoke against its socket"
+            )
         async with self._holding(account):
             if account.unsaved is not None:
                 # The unsaved record holds the live token: saved first, it is revoked.
