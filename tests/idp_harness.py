@@ -365,6 +365,8 @@ class IdP:
             "rotate_refresh_tokens": rotate_refresh_tokens,
             "reuse_grace_seconds": reuse_grace_seconds,
             "device_interval": None,
+            "refresh_expires_in": None,
+            "refresh_expires_at": None,
         }
         self.requested_port = port
         self.issuer: str = ""
@@ -607,7 +609,10 @@ class IdP:
     def configure(self, **kw: Any) -> None:
         """Change runtime settings: ``reuse_grace_seconds``,
         ``rotate_refresh_tokens``, ``access_token_ttl``, ``refresh_token_ttl``,
-        ``device_interval`` (None: the device authorization response names none).
+        ``device_interval`` (None: the device authorization response names none),
+        ``refresh_expires_in`` (seconds: token responses carry ``refresh_expires_in``
+        with it, a sliding lifetime) and ``refresh_expires_at`` (unix seconds: they
+        carry the seconds left until then, an absolute one); None sends neither.
         """
         self._call("POST", "config", kw)
 

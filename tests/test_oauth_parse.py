@@ -700,3 +700,34 @@ def test_http_issuer_may_have_an_http_token_endpoint() -> None:
 def test_unusable_metadata(body: bytes) -> None:
     with pytest.raises(DiscoveryError, match=r"https://idp\.example"):
         token_endpoint_from_metadata(body, "https://idp.example")
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected", "noted"),
+    [
+        ({"refresh_expires_in": 1800}, 1800.0, False),  # Keycloak
+        ({"refresh_token_expires_in": "15897600"}, 15897600.0, False),  # GitHub apps
+        ({"refresh_expires_in": 0}, None, False),  # Keycloak offline token: no expiry
+        ({"refresh_expires_in": "0"}, None, False),
+        ({"refresh_expires_in": -5}, None, True),
+        ({"refresh_expires_in": "soon"}, None, True),
+        ({"refresh_expires_in": True}, None, True),
+        ({"refresh_expires_in": [60]}, None, True),
+        ({"refresh_expires_in": 1e12}, None, True),  # beyond ten years: noise
+        ({"refresh_token_expires_in": 60, "refresh_expires_in": 90}, 60.0, False),
+        ({}, None, False),
+    ],
+)
+def test_refresh_token_lifetime_is_read_defensively(
+    fields: dict[str, object], expected: float | None, noted: bool
+) -> None:
+    parsed = token(respond(200, {"access_token": "a", "expires_in": 60, **fields}))
+    assert parsed.refresh_expires_in == expected
+    assert parsed.access_token == "a" and parsed.expires_in == 60.0
+    assert any("expires_in" in note and "ignored" in note for note in parsed.notes) == noted
+
+
+def test_a_huge_refresh_lifetime_json_number_is_ignored() -> None:
+    raw = b'{"access_token": "a", "refresh_expires_in": 1' + b"0" * 400 + b"}"
+    parsed = token(respond(200, raw=raw))
+    assert parsed.refresh_expires_in is None and parsed.access_token == "a"

@@ -19,7 +19,9 @@ from tokend.policy import (
     BreakerState,
     BreakerStatus,
     BucketState,
+    ChainTimes,
     RateLimit,
+    RefreshLifetime,
     RefreshTiming,
     account_after_failure,
     account_after_lost_response,
@@ -32,11 +34,18 @@ from tokend.policy import (
     bucket_full,
     bucket_reserve,
     bucket_take,
+    idp_expiry_after_use,
     is_lost_response,
+    keepalive_at,
+    keepalive_margin,
+    next_refresh_at,
+    reauth_deadline,
+    reauth_warning,
     refresh_at,
     retry_delay,
     should_request,
 )
+from tokend.policy._lifetime import KEEPALIVE_MIN_INTERVAL
 
 BACKOFF = BackoffPolicy()
 BREAKER = BreakerPolicy()
@@ -748,3 +757,113 @@ def test_refresh_times_keep_their_jitter_where_the_margin_decides(lifetime: floa
     assert max(times) == pytest.approx(latest)
     if lifetime > 120:
         assert min(times) == pytest.approx(0.65 * lifetime)
+
+
+# -- refresh-token lifetimes ---------------------------------------------------------------
+
+DAY = 86400.0
+
+
+@pytest.mark.parametrize(
+    ("window", "margin"),
+    [
+        (15.0, 5.0),  # at least 5 s
+        (8.0, 4.0),  # never more than half the window
+        (3600.0, 360.0),  # 10%
+        (90 * DAY, DAY),  # at most a day
+    ],
+)
+def test_keepalive_margin(window: float, margin: float) -> None:
+    assert keepalive_margin(window) == pytest.approx(margin)
+
+
+def test_keepalive_counts_from_the_last_use_else_the_consent() -> None:
+    idle = RefreshLifetime(max_idle=100.0)
+    assert keepalive_at(idle, ChainTimes()) is None
+    assert keepalive_at(idle, ChainTimes(consented_at=1000.0)) == 1090.0
+    assert keepalive_at(idle, ChainTimes(consented_at=1000.0, last_used_at=2000.0)) == 2090.0
+    assert keepalive_at(RefreshLifetime(max_age=100.0), ChainTimes(consented_at=1.0)) is None
+
+
+def test_keepalive_takes_the_earlier_of_the_idle_limit_and_a_sliding_idp_expiry() -> None:
+    chain = ChainTimes(consented_at=0.0, last_used_at=1000.0, idp_expires_at=1050.0)
+    # The IdP's 50 s window: refreshed 5 s before it ends, before the 100 s idle limit.
+    assert keepalive_at(RefreshLifetime(max_idle=100.0), chain) == 1045.0
+    assert keepalive_at(RefreshLifetime(), chain) == 1045.0
+    # An absolute expiry is no reason to refresh: refreshing does not move it.
+    fixed = ChainTimes(
+        consented_at=0.0, last_used_at=1000.0, idp_expires_at=1050.0, idp_expiry_fixed=True
+    )
+    assert keepalive_at(RefreshLifetime(max_idle=100.0), fixed) == 1090.0
+    assert keepalive_at(RefreshLifetime(), fixed) is None
+
+
+def test_keepalive_never_loops_on_a_tiny_idp_window() -> None:
+    chain = ChainTimes(consented_at=0.0, last_used_at=1000.0, idp_expires_at=1000.5)
+    assert keepalive_at(RefreshLifetime(), chain) == 1005.0
+
+
+def test_next_refresh_is_the_earlier_of_due_and_keepalive() -> None:
+    assert next_refresh_at(500.0, None) == 500.0
+    assert next_refresh_at(500.0, 400.0) == 400.0
+    assert next_refresh_at(500.0, 600.0) == 500.0
+
+
+def test_reauth_deadline() -> None:
+    nothing = RefreshLifetime()
+    assert reauth_deadline(nothing, ChainTimes(consented_at=0.0, last_used_at=5.0)) is None
+    aged = RefreshLifetime(max_age=90 * DAY, max_idle=30 * DAY)
+    chain = ChainTimes(consented_at=1000.0, last_used_at=50 * DAY)
+    assert reauth_deadline(aged, chain) == 1000.0 + 90 * DAY
+    # While it cannot be refreshed, the idle limit is a deadline too.
+    assert reauth_deadline(aged, chain, refreshable=False) == 80 * DAY
+    # A sliding IdP expiry is no deadline while refreshes keep moving it; a fixed one is.
+    sliding = ChainTimes(consented_at=0.0, last_used_at=10.0, idp_expires_at=100.0)
+    assert reauth_deadline(nothing, sliding) is None
+    assert reauth_deadline(nothing, sliding, refreshable=False) == 100.0
+    fixed = ChainTimes(
+        consented_at=0.0, last_used_at=10.0, idp_expires_at=100.0, idp_expiry_fixed=True
+    )
+    assert reauth_deadline(nothing, fixed) == 100.0
+    assert reauth_deadline(RefreshLifetime(max_age=50.0), fixed) == 50.0
+
+
+def test_reauth_warning_starts_the_lead_before_the_deadline() -> None:
+    lifetime = RefreshLifetime(warning=14 * DAY)
+    assert not reauth_warning(lifetime, None, 0.0)
+    assert not reauth_warning(lifetime, 15 * DAY, 0.0)
+    assert reauth_warning(lifetime, 14 * DAY, 0.0)
+    assert reauth_warning(lifetime, -1.0, 0.0)  # past: still shown
+
+
+def test_an_idp_expiry_that_stops_moving_is_absolute() -> None:
+    first = ChainTimes(consented_at=0.0)
+    assert idp_expiry_after_use(first, 1800.0, 0.0) == (1800.0, False)
+    assert idp_expiry_after_use(first, None, 0.0) == (None, False)
+    used = ChainTimes(consented_at=0.0, last_used_at=0.0, idp_expires_at=1800.0)
+    # Sliding: 600 s later it reaches 600 s further.
+    assert idp_expiry_after_use(used, 2400.0, 600.0) == (2400.0, False)
+    # Stuck at the session's end: absolute.
+    assert idp_expiry_after_use(used, 1800.0, 600.0) == (1800.0, True)
+    # Too close together to tell: the previous verdict stands.
+    stuck = ChainTimes(
+        consented_at=0.0, last_used_at=0.0, idp_expires_at=1800.0, idp_expiry_fixed=True
+    )
+    assert idp_expiry_after_use(stuck, 1801.0, 1.0) == (1801.0, True)
+
+
+@given(
+    last_used=st.floats(0, 1e9),
+    max_idle=st.floats(1.0, 400 * DAY),
+    window=st.floats(0.0, 400 * DAY),
+)
+def test_keepalive_lands_inside_every_idle_window(
+    last_used: float, max_idle: float, window: float
+) -> None:
+    chain = ChainTimes(consented_at=0.0, last_used_at=last_used, idp_expires_at=last_used + window)
+    at = keepalive_at(RefreshLifetime(max_idle=max_idle), chain)
+    assert at is not None
+    assert at >= last_used + KEEPALIVE_MIN_INTERVAL - 1e-6
+    ends = min(last_used + max_idle, last_used + window)
+    if ends - last_used > 2 * KEEPALIVE_MIN_INTERVAL:
+        assert at < ends

@@ -337,3 +337,22 @@ def test_etcd_state_config_is_checked(state: dict[str, object], message: str) ->
 
     with pytest.raises(ValidationError, match=message):
         StateConfig.model_validate(state)
+
+
+@pytest.mark.anyio
+async def test_refresh_token_lifetimes_round_trip_and_are_optional(
+    settings: Callable[..., EtcdSettings], etcd: EtcdCluster
+) -> None:
+    async with running(settings("a")) as store:
+        plain = await store.put(record("bob"))
+        assert plain.consented_at is None and plain.refresh_expiry_fixed is False
+        assert await store.claim("bob", "x", 10)
+        tracked = await store.put(
+            plain.evolve(
+                consented_at=10.5,
+                refresh_used_at=20.25,
+                refresh_expires_at=30.0,
+                refresh_expiry_fixed=True,
+            )
+        )
+        assert await store.load("bob") == tracked

@@ -607,3 +607,40 @@ def test_any_sequence_of_puts_round_trips_the_last_write(
 
     with tempfile.TemporaryDirectory() as tmp:
         anyio.run(run, Path(tmp) / "prop.db")
+
+
+async def test_a_file_from_before_lifetimes_opens_and_keeps_its_records(db_path: Path) -> None:
+    from tokend.store.sqlite import _MIGRATIONS
+
+    db_path.parent.mkdir(parents=True)
+    with sqlite3.connect(db_path) as conn:
+        for statements in _MIGRATIONS[:2]:
+            for statement in statements:
+                conn.execute(statement)
+        conn.execute("PRAGMA user_version = 2")
+        conn.execute(
+            "INSERT INTO accounts (account, refresh_token, updated_at, version) "
+            "VALUES ('old', 'rt-old', 1.0, 3)"
+        )
+    conn.close()
+    store = SqliteStore(db_path)
+    await store.open()
+    try:
+        old = await store.load("old")
+        assert old is not None and old.refresh_token == "rt-old" and old.version == 3
+        assert old.consented_at is None and old.refresh_used_at is None
+        assert old.refresh_expires_at is None and old.refresh_expiry_fixed is False
+        tracked = await store.put(
+            old.evolve(
+                consented_at=10.5,
+                refresh_used_at=20.25,
+                refresh_expires_at=30.0,
+                refresh_expiry_fixed=True,
+            )
+        )
+        assert await store.load("old") == tracked
+    finally:
+        await store.close()
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    conn.close()

@@ -26,6 +26,7 @@ from contextlib import asynccontextmanager
 from typing import Final
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskGroup, TaskStatus
 
 from tokend._gc import paused_gc
@@ -41,11 +42,12 @@ from tokend.oauth import FailureKind, ProviderClient
 from tokend.observe import Observer
 from tokend.policy import (
     AccountPolicyState,
+    RefreshLifetime,
     RefreshTiming,
     breaker_abandon_probe,
     breaker_admit,
     bucket_reserve,
-    refresh_at,
+    reauth_warning,
 )
 from tokend.publish import Publisher
 from tokend.publish._base import ExpiringPublisher
@@ -56,6 +58,7 @@ from tokend.refresh import (
     adopt_record,
     hold_for_breaker,
     iso,
+    planned_refresh_at,
     publish,
     put,
     unusable,
@@ -95,6 +98,12 @@ _START_SPREAD_MAX = 5.0
 _CRASH_RETRY: Final = 30.0
 # Exit status of a drain that could not commit a rotated refresh token.
 EXIT_UNSAVED: Final = 3
+# An account nearing its re-authorization deadline is logged at most this often (and
+# once at every start); every account is looked at this often even when idle.
+_REAUTH_LOG_INTERVAL: Final = 86400.0
+_REAUTH_SWEEP_INTERVAL: Final = 3600.0
+# Accounts looked at between two yields to the event loop during that sweep.
+_REAUTH_SWEEP_STEP: Final = 512
 
 
 class Engine:
@@ -151,6 +160,8 @@ class Engine:
         self.expiries = RefreshSchedule(self._on_expired, self.clock, job_id="tokend-expiry")
         self._expired_send, self._expired_recv = anyio.create_memory_object_stream[str](math.inf)
         self._loaded = False
+        # When each account nearing its re-authorization deadline was last logged.
+        self._reauth_logged: dict[str, float] = {}
 
     @property
     def publishers(self) -> Sequence[Publisher]:
@@ -166,6 +177,9 @@ class Engine:
         account.next_attempt_at = at
         if account.name in self.accounts:
             self.due.set(account.name, at)
+            # Whatever moved the schedule (a refresh, a failure, a new seed) may have
+            # moved the re-authorization deadline too.
+            self._note_reauth(account)
 
     def token_published(self, account: Account, token: TokenSet) -> None:
         self.expiries.set(account.name, token.expires_at)
@@ -202,15 +216,25 @@ class Engine:
         pconf = self.config.providers[aconf.provider]
         return _resolve_timing(self.config.refresh, pconf.refresh, aconf.refresh)
 
+    def _lifetime_for(self, aconf: AccountConfig) -> RefreshLifetime:
+        pconf = self.config.providers[aconf.provider]
+        return _resolve_lifetime(
+            pconf.refresh_token_max_idle, pconf.refresh_token_max_age, pconf.reauth_warning
+        )
+
+    def _new_account(self, name: str, aconf: AccountConfig, record: StoredAccount) -> Account:
+        account = Account(name, aconf, self._timing_for(aconf), record)
+        account.lifetime = self._lifetime_for(aconf)
+        return account
+
     async def _reconcile(
         self, name: str, aconf: AccountConfig, stored: StoredAccount | None, now: float
     ) -> Account:
-        timing = self._timing_for(aconf)
         try:
             seed = await self._read_seed(name, aconf)
         except (OSError, ValueError) as exc:
             record = stored or StoredAccount(account=name)
-            account = Account(name, aconf, timing, record)
+            account = self._new_account(name, aconf, record)
             account.last_error = f"cannot read the seed refresh token: {exc}"
             _log.error("seed_unreadable", account=name, error=account.last_error)
             self._adopt_stored_token(account, now)
@@ -222,10 +246,20 @@ class Engine:
         ):
             # The store holds the chain rotated from this seed: the store wins.
             record = stored
+            if stored.consented_at is None and stored.refresh_token is not None:
+                # A record from before lifetimes were tracked: its chain is taken as
+                # begun now (first seen), and last used when its token was issued.
+                token = stored.token
+                record = record.evolve(
+                    consented_at=now,
+                    refresh_used_at=stored.refresh_used_at or (token.issued_at if token else None),
+                )
             if seed_fp != stored.seed_fingerprint:
                 # The same token at a new vault version (another field, or our own
                 # write-back whose record update did not land): the chain goes on.
-                record = await self._put_or_keep(stored.evolve(seed_fingerprint=seed_fp))
+                record = record.evolve(seed_fingerprint=seed_fp)
+            if record is not stored:
+                record = await self._put_or_keep(record)
             register_secret(record.refresh_token)
             if record.in_flight_since is not None:
                 _log.warning(
@@ -243,6 +277,7 @@ class Engine:
                 refresh_token=seed.value if seed is not None else None,
                 updated_at=now,
                 version=stored.version if stored is not None else 0,
+                consented_at=now if seed is not None else None,
             )
             if stored is not None:
                 _log.info(
@@ -251,7 +286,7 @@ class Engine:
                     detail="a new seed token replaces the stored chain",
                 )
             record = await self._put_or_keep(record)
-        account = Account(name, aconf, timing, record)
+        account = self._new_account(name, aconf, record)
         if record.last_outcome == FailureKind.ACCOUNT_PERMANENT.value:
             # The IdP declared this chain dead before the restart: sending it again
             # would only meet invalid_grant (or, with rotation, count as token reuse).
@@ -310,6 +345,7 @@ class Engine:
                 outer.start_soon(self._watch_clock)
                 outer.start_soon(self._expire_loop)
                 outer.start_soon(self._watch_store)
+                outer.start_soon(self._watch_reauth)
                 async with self._serving():
                     task_status.started()
                     await self._stop.wait()
@@ -570,9 +606,46 @@ class Engine:
         token = account.published
         if token is None:
             return self.clock.time()
-        return refresh_at(
-            account.timing, token.issued_at, token.expires_at, self.rng.uniform(-1, 1)
+        return planned_refresh_at(account, token, self.rng.uniform(-1, 1))
+
+    # -- re-authorization deadlines ------------------------------------------------------
+
+    def _note_reauth(self, account: Account) -> None:
+        """Log ``reauth_due_soon`` for an account whose chain dies within its provider's
+        warning lead: once at start, then at most once a day."""
+        name = account.name
+        deadline = account.reauth_deadline
+        now = self.clock.time()
+        if deadline is None or not reauth_warning(account.lifetime, deadline, now):
+            self._reauth_logged.pop(name, None)
+            return
+        logged = self._reauth_logged.get(name)
+        if logged is not None and 0 <= now - logged < _REAUTH_LOG_INTERVAL:
+            return
+        self._reauth_logged[name] = now
+        _log.warning(
+            "reauth_due_soon",
+            account=name,
+            provider=account.provider,
+            state=account.state.value,
+            reauth_deadline=iso(deadline),
+            days_left=round((deadline - now) / 86400, 2),
+            detail=f"this account's refresh token stops working by then however often it "
+            f"is refreshed: run `tokend login {name}` before it does",
         )
+
+    async def _watch_reauth(self) -> None:
+        """Look at every account now and then: an idle one's deadline comes closer
+        without anything happening to it."""
+        while True:
+            await anyio.sleep(_REAUTH_SWEEP_INTERVAL)
+            names = list(self.accounts)
+            for start in range(0, len(names), _REAUTH_SWEEP_STEP):
+                for name in names[start : start + _REAUTH_SWEEP_STEP]:
+                    account = self.accounts.get(name)
+                    if account is not None:
+                        self._note_reauth(account)
+                await anyio.lowlevel.checkpoint()
 
     def _schedule_start(self) -> None:
         now = self.clock.time()
@@ -936,6 +1009,7 @@ class Engine:
             async with removed.lock:
                 self._leave_queue(removed)
                 del self.accounts[name]
+                self._reauth_logged.pop(name, None)
                 self._unschedule(name)
                 self.expiries.remove(name)
                 for publisher in self.publishers:
@@ -969,6 +1043,7 @@ class Engine:
             return
         account.config = aconf
         account.timing = self._timing_for(aconf)
+        account.lifetime = self._lifetime_for(aconf)
         seed_fp = seed.fingerprint if seed is not None else None
         if (
             seed is not None
@@ -1103,3 +1178,11 @@ class _Release:
 def _resolve_timing(*layers: RefreshPolicyConfig) -> RefreshTiming:
     # Most accounts share their layers: resolve each distinct combination once.
     return RefreshTiming.resolve(*layers)
+
+
+@functools.lru_cache(maxsize=1024)
+def _resolve_lifetime(
+    max_idle: float | None, max_age: float | None, warning: float
+) -> RefreshLifetime:
+    # One object per provider setting, shared by its accounts.
+    return RefreshLifetime(max_idle=max_idle, max_age=max_age, warning=warning)

@@ -73,6 +73,13 @@ class StoredAccount:
     ``in_flight_since`` is set (durably) before a refresh token is sent to the IdP and
     cleared by the commit of the result, so a restart knows the IdP may have rotated it.
     ``version`` is the compare-and-swap guard: a write names the version it replaces.
+
+    What is known of the refresh token's own lifetime (all unix seconds, None when
+    unknown): ``consented_at``, when the chain began (its seed was signed in or
+    adopted); ``refresh_used_at``, when a refresh with it last succeeded;
+    ``refresh_expires_at``, the expiry the IdP reported with the last token response
+    (``refresh_expires_in``), and ``refresh_expiry_fixed``, whether that expiry stayed
+    where it was on the last rotation (then it is absolute: refreshing does not move it).
     """
 
     account: str
@@ -84,6 +91,10 @@ class StoredAccount:
     last_error: str | None = None
     updated_at: float = 0.0
     version: int = 0
+    consented_at: float | None = None
+    refresh_used_at: float | None = None
+    refresh_expires_at: float | None = None
+    refresh_expiry_fixed: bool = False
 
     def evolve(self, **changes: object) -> StoredAccount:
         return replace(self, **changes)  # type: ignore[arg-type]

@@ -41,7 +41,9 @@ from tokend.policy import (
     account_after_success,
     breaker_abandon_probe,
     breaker_record,
+    idp_expiry_after_use,
     is_lost_response,
+    next_refresh_at,
     refresh_at,
     retry_delay,
 )
@@ -357,6 +359,15 @@ class Refresh:
             last_error=None,
             updated_at=now,
         )
+        if used_refresh_token is not None:
+            # The refresh token was used, and lives on (idle limits count from here).
+            reported = response.refresh_expires_in
+            expires_at, fixed = idp_expiry_after_use(
+                account.chain, None if reported is None else now + reported, now
+            )
+            record = record.evolve(
+                refresh_used_at=now, refresh_expires_at=expires_at, refresh_expiry_fixed=fixed
+            )
         rotated = (
             response.refresh_token is not None and response.refresh_token != used_refresh_token
         )
@@ -416,11 +427,8 @@ class Refresh:
         if stored.token is not None:
             # The next refresh is set before the token is handed out, so nobody who
             # sees the new token sees the old schedule beside it.
-            token = stored.token
             jitter = host.rng.uniform(-1, 1)
-            host.schedule(
-                account, refresh_at(account.timing, token.issued_at, token.expires_at, jitter)
-            )
+            host.schedule(account, planned_refresh_at(account, stored.token, jitter))
         await self.write_back(account)
         return True
 
@@ -613,11 +621,17 @@ async def adopt_record(host: RefreshHost, account: Account, stored: StoredAccoun
         register_secret(token.access_token)
         account.state = AccountState.VALID
         account.last_refresh_at = token.issued_at
-        due = refresh_at(account.timing, token.issued_at, token.expires_at, host.rng.uniform(-1, 1))
-        host.schedule(account, due)
+        host.schedule(account, planned_refresh_at(account, token, host.rng.uniform(-1, 1)))
         await publish(host, account, token)
         _log.info("record_adopted", account=account.name, version=stored.version)
-    return refresh_at(account.timing, token.issued_at, token.expires_at, 0.0) > now
+    return planned_refresh_at(account, token, 0.0) > now
+
+
+def planned_refresh_at(account: Account, token: TokenSet, jitter: float) -> float:
+    """When to refresh ``account`` holding ``token``: ahead of its expiry, or sooner
+    when its refresh token would otherwise die of idleness (``jitter`` in [-1, 1])."""
+    due = refresh_at(account.timing, token.issued_at, token.expires_at, jitter)
+    return next_refresh_at(due, account.keepalive_at)
 
 
 def hold_for_breaker(

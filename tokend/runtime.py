@@ -21,15 +21,22 @@ from tokend.policy import (
     BreakerPolicy,
     BreakerState,
     BucketState,
+    ChainTimes,
     RateLimit,
+    RefreshLifetime,
     RefreshTiming,
     breaker_reset,
     bucket_full,
+    keepalive_at,
     queue_priority,
+    reauth_deadline,
 )
 
 # Frozen: every account without failures shares this one (56 bytes an account).
 _NO_FAILURES = AccountPolicyState()
+_UNKNOWN_LIFETIME = RefreshLifetime()
+# States in which no refresh can keep the chain alive.
+_CANNOT_REFRESH = frozenset({AccountState.NEEDS_REAUTH, AccountState.BLOCKED})
 
 
 @dataclass(eq=False, slots=True)
@@ -65,6 +72,8 @@ class Account:
     forced: bool = False
     # While queued for the provider: the state to return to once it leaves the queue.
     queued_from: AccountState | None = None
+    # The provider's refresh-token lifetimes (shared by its accounts).
+    lifetime: RefreshLifetime = _UNKNOWN_LIFETIME
     # Created on first use: 100,000 accounts need not pay for 200,000 sync primitives
     # at start (each costs an async-library lookup).
     _lock: anyio.Lock | None = field(default=None, repr=False)
@@ -108,6 +117,39 @@ class Account:
 
     def token_valid(self, now: float, min_valid: float = 0.0) -> bool:
         return self.published is not None and self.published.is_valid(now, min_valid)
+
+    @property
+    def chain(self) -> ChainTimes:
+        record = self.record
+        return ChainTimes(
+            consented_at=record.consented_at,
+            last_used_at=record.refresh_used_at,
+            idp_expires_at=record.refresh_expires_at,
+            idp_expiry_fixed=record.refresh_expiry_fixed,
+        )
+
+    def _lifetime_known(self) -> bool:
+        lifetime = self.lifetime
+        return self.config.grant == "refresh_token" and (
+            lifetime.max_idle is not None
+            or lifetime.max_age is not None
+            or self.record.refresh_expires_at is not None
+        )
+
+    @property
+    def keepalive_at(self) -> float | None:
+        """When an idle refresh is due to keep the refresh token alive (None: never)."""
+        if not self._lifetime_known():
+            return None
+        return keepalive_at(self.lifetime, self.chain)
+
+    @property
+    def reauth_deadline(self) -> float | None:
+        """When the chain dies however often it is refreshed (None: not known)."""
+        if not self._lifetime_known():
+            return None
+        state = self.queued_from if self.state is AccountState.QUEUED else self.state
+        return reauth_deadline(self.lifetime, self.chain, refreshable=state not in _CANNOT_REFRESH)
 
 
 @dataclass

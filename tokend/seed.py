@@ -34,13 +34,15 @@ def new_seed_record(
     now: float,
 ) -> StoredAccount:
     """The record that starts a new chain from ``new_seed``, replacing ``stored``: no
-    access token (the next refresh gets one), nothing in flight, no old error."""
+    access token (the next refresh gets one), nothing in flight, no old error. The
+    chain is consented now: refresh-token age limits count from this sign-in."""
     return StoredAccount(
         account=name,
         seed_fingerprint=seed_fingerprint_for(account, new_seed),
         refresh_token=new_seed,
         updated_at=now,
         version=stored.version if stored is not None else 0,
+        consented_at=now,
     )
 
 

@@ -43,7 +43,13 @@
 //                   (name -> raw JSON text, for values JSON.stringify cannot write)
 //   GET    /_test/fault         current fault
 //   POST   /_test/config        {reuse_grace_seconds?, rotate_refresh_tokens?, access_token_ttl?,
-//                                refresh_token_ttl?, device_interval?}
+//                                refresh_token_ttl?, device_interval?, refresh_expires_in?,
+//                                refresh_expires_at?}
+//     refresh_expires_in: seconds; token responses say refresh_expires_in: N (a sliding
+//                         refresh-token lifetime, as Keycloak's SSO idle timeout)
+//     refresh_expires_at: unix seconds; token responses say refresh_expires_in: the
+//                         seconds left until then (an absolute one, as its SSO max)
+//                         (null: not sent, the default for both)
 //
 // Sign-in pages are oidc-provider's development interactions: any login name is
 // accepted (it becomes the account id) and consent grants what was asked.
@@ -95,6 +101,8 @@ const settings = {
   rotate_refresh_tokens: config.rotate_refresh_tokens ?? true,
   reuse_grace_seconds: config.reuse_grace_seconds ?? 0,
   device_interval: config.device_interval ?? null,
+  refresh_expires_in: config.refresh_expires_in ?? null,
+  refresh_expires_at: config.refresh_expires_at ?? null,
 };
 
 const FAULT_MODES = new Set([
@@ -646,6 +654,15 @@ async function tokenEndpoint(provider, ctx, next) {
     ctx.body = body;
   }
 
+  if (ctx.status === 200 && ctx.body && typeof ctx.body === 'object' && ctx.body.refresh_token) {
+    if (settings.refresh_expires_at !== null) {
+      const left = Math.max(0, Math.round(settings.refresh_expires_at - Date.now() / 1000));
+      ctx.body = { ...ctx.body, refresh_expires_in: left };
+    } else if (settings.refresh_expires_in !== null) {
+      ctx.body = { ...ctx.body, refresh_expires_in: settings.refresh_expires_in };
+    }
+  }
+
   if (applied?.mode === 'lost_after_rotate') {
     abandon(false);
   }
@@ -773,7 +790,8 @@ async function control(provider, ctx) {
         for (const key of Object.keys(update)) {
           if (!(key in settings)) throw new Error(`unknown setting: ${key}`);
           const expected = key === 'rotate_refresh_tokens' ? 'boolean' : 'number';
-          const nullable = key === 'device_interval' && update[key] === null;
+          const nullable = ['device_interval', 'refresh_expires_in', 'refresh_expires_at'].includes(key)
+            && update[key] === null;
           if (!nullable && typeof update[key] !== expected) throw new Error(`${key} must be a ${expected}`);
         }
         Object.assign(settings, update);

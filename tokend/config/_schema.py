@@ -331,6 +331,14 @@ class ProviderConfig(_Model):
     # up to 60 s, Auth0 and oidc-provider 0): after a lost response, tokend retries the
     # same token once, at once, inside this window.
     reuse_grace: Duration = 0.0
+    # How long the IdP keeps an unused refresh token alive, and how long any refresh
+    # token of a sign-in lives however often it is used (None: not known). tokend
+    # refreshes an idle account before the first runs out, and shows when the second
+    # (or the IdP's own refresh_expires_in) will call for a new sign-in, warning
+    # reauth_warning ahead.
+    refresh_token_max_idle: Duration | None = Field(default=None, gt=0)
+    refresh_token_max_age: Duration | None = Field(default=None, gt=0)
+    reauth_warning: Duration = 14 * 86400.0
 
     # Per field so the error points at the key; the URL itself is not echoed because
     # it may carry credentials (https://user:pass@host).

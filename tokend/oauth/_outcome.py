@@ -34,6 +34,9 @@ class TokenResponse:
     # None when the IdP did not rotate (keep the old refresh token).
     refresh_token: str | None = field(default=None, repr=False)
     scope: str | None = None
+    # Seconds the refresh token lives, as the IdP says (Keycloak ``refresh_expires_in``,
+    # GitHub and Google ``refresh_token_expires_in``); None when it says nothing usable.
+    refresh_expires_in: float | None = None
     # What was adjusted to make the answer usable (an expires_in clamped, say), for
     # the log; never a secret.
     notes: tuple[str, ...] = ()

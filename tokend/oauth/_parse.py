@@ -30,6 +30,12 @@ MAX_RETRY_AFTER_SECONDS = 3600.0
 # taken as this, and the adjustment reported. Past a year, an IdP's number is noise,
 # and far enough ahead it is not even a date.
 MAX_EXPIRES_IN_SECONDS = 365 * 24 * 3600.0
+# Longest a refresh token is believed to live by the IdP's word: beyond ten years a
+# number is noise, and a deadline made of it would mislead; it is ignored instead.
+MAX_REFRESH_EXPIRES_IN_SECONDS = 10 * 365 * 24 * 3600.0
+# Where IdPs say how long the refresh token lives: GitHub apps and Google (testing
+# mode) send refresh_token_expires_in, Keycloak refresh_expires_in.
+REFRESH_EXPIRES_IN_FIELDS = ("refresh_token_expires_in", "refresh_expires_in")
 # Bounds on what is kept of a token response. Real tokens are at most a few KiB
 # (large JWTs ~8 KiB); the scope is a handful of words.
 MAX_TOKEN_CHARS = 32 * 1024
@@ -249,6 +255,7 @@ def parse_token_fields(document: Mapping[str, object]) -> TokenResponse | None:
         expires_in=expires_in,
         refresh_token=refresh_token,
         scope=scope,
+        refresh_expires_in=_refresh_expires_in(document, notes),
         notes=tuple(notes),
     )
 
@@ -261,6 +268,28 @@ def _usable_refresh_token(document: Mapping[str, object]) -> str | None:
         return _check_token("refresh_token", value)
     except UnusableField:
         return None
+
+
+def _refresh_expires_in(document: Mapping[str, object], notes: list[str]) -> float | None:
+    """The refresh token's lifetime the IdP reports, or None. Never fails the response:
+    a value that makes no sense is left out, and why goes into ``notes``. Keycloak
+    sends 0 for an offline token that never expires: no lifetime, and no note."""
+    for name in REFRESH_EXPIRES_IN_FIELDS:
+        raw = document.get(name)
+        if raw is None:
+            continue
+        zero = raw == 0 or (isinstance(raw, str) and raw.strip() == "0")
+        if zero and not isinstance(raw, bool):
+            return None
+        seconds = parse_expires_in(raw)
+        if seconds is None:
+            notes.append(f"{name} is not a positive number of seconds; ignored")
+            return None
+        if seconds > MAX_REFRESH_EXPIRES_IN_SECONDS:
+            notes.append(f"{name} {seconds:.6g} s is beyond ten years; ignored")
+            return None
+        return seconds
+    return None
 
 
 def decode_json_object(body: bytes) -> dict[str, object] | None:

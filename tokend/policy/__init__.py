@@ -51,6 +51,16 @@ Reuse grace, 0 (off) unless configured for a provider
     resent old token; elsewhere a resend after a lost response would meet
     invalid_grant or, worse, revoke the grant. With a grace configured, the same token
     is retried once, at once, after a lost response.
+Refresh-token lifetimes (``RefreshLifetime``): unknown unless configured or reported
+    An idle account (its access tokens outlive the idle window, or tokend was down) is
+    refreshed before ``last use + refresh_token_max_idle`` (or the IdP's sliding
+    ``refresh_expires_in``) by a margin of 10% of that window, at least 5 s and at
+    most a day (never more than half the window, and never sooner than 5 s after the
+    last use). 10% of Google's six months is 18 days, capped to one: the window is
+    used to its last day, and a day rides out an outage with retries. The
+    re-authorization deadline is consent + ``refresh_token_max_age``, or an IdP
+    expiry that stopped moving on rotation; the warning starts 14 days ahead
+    (``reauth_warning``): two weeks to reach whoever has to sign in again.
 """
 
 from tokend.policy._account import (
@@ -74,6 +84,16 @@ from tokend.policy._breaker import (
     breaker_record,
     breaker_reset,
 )
+from tokend.policy._lifetime import (
+    ChainTimes,
+    RefreshLifetime,
+    idp_expiry_after_use,
+    keepalive_at,
+    keepalive_margin,
+    next_refresh_at,
+    reauth_deadline,
+    reauth_warning,
+)
 from tokend.policy._order import queue_priority
 from tokend.policy._ratelimit import (
     BucketState,
@@ -94,7 +114,9 @@ __all__ = [
     "BreakerState",
     "BreakerStatus",
     "BucketState",
+    "ChainTimes",
     "RateLimit",
+    "RefreshLifetime",
     "RefreshTiming",
     "account_after_failure",
     "account_after_lost_response",
@@ -107,8 +129,14 @@ __all__ = [
     "bucket_full",
     "bucket_reserve",
     "bucket_take",
+    "idp_expiry_after_use",
     "is_lost_response",
+    "keepalive_at",
+    "keepalive_margin",
+    "next_refresh_at",
     "queue_priority",
+    "reauth_deadline",
+    "reauth_warning",
     "refresh_at",
     "retry_delay",
     "should_request",

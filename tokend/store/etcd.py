@@ -736,6 +736,16 @@ class EtcdStore:
             "error": record.last_error,
             "updated": record.updated_at,
         }
+        # The refresh token's lifetime: optional keys, absent from older records.
+        for key, value in (
+            ("consented", record.consented_at),
+            ("used", record.refresh_used_at),
+            ("rt_exp", record.refresh_expires_at),
+        ):
+            if value is not None:
+                body[key] = value
+        if record.refresh_expiry_fixed:
+            body["rt_exp_fixed"] = True
         if token is not None:
             body["at"] = {
                 "token": token.access_token,
@@ -783,6 +793,10 @@ class EtcdStore:
                 last_error=body.get("error"),
                 updated_at=float(body.get("updated") or 0.0),
                 version=kv.mod_revision,
+                consented_at=_opt_float(body.get("consented")),
+                refresh_used_at=_opt_float(body.get("used")),
+                refresh_expires_at=_opt_float(body.get("rt_exp")),
+                refresh_expiry_fixed=body.get("rt_exp_fixed") is True,
             )
         except StateKeyError as exc:
             raise StoreError(f"etcd store: {exc}") from None
@@ -791,6 +805,14 @@ class EtcdStore:
                 f"etcd store: the record of {account!r} is malformed ({type(exc).__name__}); "
                 "was it written by something other than tokend?"
             ) from None
+
+
+def _opt_float(value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    raise ValueError("a time is not a number")
 
 
 def _bytes_to_b64(value: object) -> str:
@@ -818,7 +840,8 @@ def _suffix(key: bytes, prefix: bytes) -> str:
 
 def _check_times(record: StoredAccount) -> None:
     token = record.token
-    times = [record.updated_at, record.in_flight_since]
+    times = [record.updated_at, record.in_flight_since, record.consented_at]
+    times += [record.refresh_used_at, record.refresh_expires_at]
     if token is not None:
         times += [token.expires_at, token.issued_at]
     if any(t is not None and not math.isfinite(t) for t in times):

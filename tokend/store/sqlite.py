@@ -92,6 +92,14 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     ),
     # Facts about the file itself: the state key's check value, when tokens are sealed.
     ("CREATE TABLE meta (name TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL)",),
+    # The refresh token's own lifetime: when its chain began, when it was last used,
+    # and the expiry the IdP reported (NULL in records written before: unknown).
+    (
+        "ALTER TABLE accounts ADD COLUMN consented_at REAL",
+        "ALTER TABLE accounts ADD COLUMN refresh_used_at REAL",
+        "ALTER TABLE accounts ADD COLUMN refresh_expires_at REAL",
+        "ALTER TABLE accounts ADD COLUMN refresh_expiry_fixed INTEGER NOT NULL DEFAULT 0",
+    ),
 )
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
@@ -109,6 +117,10 @@ _COLUMNS: Final = (
     "last_error",
     "updated_at",
     "version",
+    "consented_at",
+    "refresh_used_at",
+    "refresh_expires_at",
+    "refresh_expiry_fixed",
 )
 _SELECT: Final = f"SELECT {', '.join(_COLUMNS)} FROM accounts"
 _INSERT: Final = (
@@ -753,7 +765,13 @@ def _validate(record: StoredAccount) -> None:
     # SQLite stores NaN as NULL, which would silently drop a time or trip a constraint
     # with a confusing message; a NaN here is a bug upstream, so say so.
     token = record.token
-    times = [record.updated_at, record.in_flight_since]
+    times = [
+        record.updated_at,
+        record.in_flight_since,
+        record.consented_at,
+        record.refresh_used_at,
+        record.refresh_expires_at,
+    ]
     if token is not None:
         times += [token.expires_at, token.issued_at]
     if any(t is not None and math.isnan(t) for t in times):
@@ -783,6 +801,10 @@ def _encode(r: StoredAccount, cipher: TokenCipher | None = None) -> tuple[object
         r.last_error,
         r.updated_at,
         r.version,
+        r.consented_at,
+        r.refresh_used_at,
+        r.refresh_expires_at,
+        1 if r.refresh_expiry_fixed else 0,
     )
 
 
@@ -837,6 +859,10 @@ def _decode(
         last_error,
         updated_at,
         version,
+        consented_at,
+        refresh_used_at,
+        refresh_expires_at,
+        refresh_expiry_fixed,
     ) = row
     if cipher is not None or is_sealed(refresh_token if isinstance(refresh_token, str) else None):
         refresh_token = _open(cipher, account, "refresh_token", refresh_token)
@@ -862,6 +888,10 @@ def _decode(
         last_error=_opt_str(last_error),
         updated_at=_float(updated_at),
         version=version,
+        consented_at=_opt_float(consented_at),
+        refresh_used_at=_opt_float(refresh_used_at),
+        refresh_expires_at=_opt_float(refresh_expires_at),
+        refresh_expiry_fixed=bool(refresh_expiry_fixed),
     )
 
 
@@ -894,6 +924,10 @@ def _float(value: object) -> float:
     if not isinstance(value, int | float):
         raise _BadRow(f"expected REAL, got {type(value).__name__}")
     return float(value)
+
+
+def _opt_float(value: object) -> float | None:
+    return None if value is None else _float(value)
 
 
 def _secrets(records: Iterable[StoredAccount]) -> frozenset[str]:
