@@ -172,6 +172,8 @@ def test_status_command_shows_a_table_without_secrets(
         "REFRESH",
         "NEXT",
         "REFRESH",
+        "REAUTH",
+        "BY",
         "LAST",
         "ERROR",
     ]
@@ -351,3 +353,31 @@ def test_tokens_are_cached_until_near_expiry_and_read_from_token_files(
     tokend_client.clear_cache()
     with pytest.raises(tokend_client.TokendUnreachable):
         tokend_client.get_token("alice", sock)
+
+
+def test_status_shows_when_a_new_sign_in_is_due() -> None:
+    from tokend.client_commands import format_status
+
+    now = 1_800_000_000.0
+    table = format_status(
+        [
+            {
+                "name": "soon",
+                "state": "valid",
+                "reauth_deadline": now + 3 * 86400,
+                "reauth_warning": True,
+            },
+            {
+                "name": "later",
+                "state": "valid",
+                "reauth_deadline": now + 60 * 86400,
+                "reauth_warning": False,
+            },
+            {"name": "unknown", "state": "valid", "reauth_deadline": None, "reauth_warning": False},
+        ],
+        now,
+    )
+    rows = {line.split()[0]: line for line in table.splitlines()[1:]}
+    assert "in 3d00h (sign in again)" in rows["soon"]
+    assert "in 60d00h" in rows["later"] and "sign in" not in rows["later"]
+    assert "sign in" not in rows["unknown"]

@@ -54,7 +54,9 @@ def test_queue_priority_puts_urgent_then_earliest_expiry_first() -> None:
     ]
 
 
-async def engine_with(tmp_path: Path, clock: StepClock, names: list[str]) -> Engine:
+async def engine_with(
+    tmp_path: Path, clock: StepClock, names: list[str], **provider: Any
+) -> Engine:
     config: dict[str, Any] = {
         "state": {"path": str(tmp_path / "state.db")},
         "serve": {"socket": None, "token_dir": None, "metrics_listen": None},
@@ -63,6 +65,7 @@ async def engine_with(tmp_path: Path, clock: StepClock, names: list[str]) -> Eng
                 "token_endpoint": "http://127.0.0.1:9/token",
                 "client_id": "c",
                 "client_secret": "s",
+                **provider,
             }
         },
         "accounts": {name: {"provider": "idp", "refresh_token": f"seed-{name}"} for name in names},
@@ -180,3 +183,41 @@ async def test_a_probe_that_never_goes_out_is_abandoned_at_once(tmp_path: Path) 
         assert again.allowed and again.probe
     finally:
         await engine.store.close()
+
+
+async def test_chain_times_are_kept_and_shape_the_schedule_and_the_deadline(
+    tmp_path: Path,
+) -> None:
+    clock = StepClock()
+    lifetimes = {"refresh_token_max_idle": "1d", "refresh_token_max_age": "30d"}
+    engine = await engine_with(tmp_path, clock, ["a", "old"], **lifetimes)
+    try:
+        account = engine.accounts["a"]
+        # A new seed is consented when adopted.
+        assert account.record.consented_at == NOW
+        assert account.reauth_deadline == NOW + 30 * 86400
+        # A token living a week is refreshed for the idle limit: a day after the last
+        # use less 10% of it (2.4 h).
+        token = TokenSet("t", "Bearer", expires_at=NOW + 7 * 86400, issued_at=NOW)
+        account.published = token
+        account.record = account.record.evolve(token=token, refresh_used_at=NOW)
+        assert engine._next_refresh_time(account) == pytest.approx(NOW + 86400 - 8640)
+        # While it cannot be refreshed, the idle limit is a deadline too.
+        account.state = AccountState.BLOCKED
+        assert account.reauth_deadline == NOW + 86400
+        # A record from before lifetimes were tracked is first seen now, and stays so.
+        old = engine.accounts["old"].record.evolve(consented_at=None, refresh_used_at=None)
+        await engine.store.put(old)
+    finally:
+        await engine.store.close()
+    clock.wall += 3600
+    again = await engine_with(tmp_path, clock, ["a", "old"], **lifetimes)
+    try:
+        assert again.accounts["a"].record.consented_at == NOW
+        assert again.accounts["old"].record.consented_at == NOW + 3600
+        assert (await again.store.load("old")).consented_at == NOW + 3600  # type: ignore[union-attr]
+        # A new sign-in starts the age limit over.
+        await again.replace_seed("a", "seed-from-login")
+        assert again.accounts["a"].reauth_deadline == NOW + 3600 + 30 * 86400
+    finally:
+        await again.store.close()

@@ -22,7 +22,7 @@ from tokend._version import __version__
 from tokend.config import AccountConfig, ServeConfig
 from tokend.engine import Account
 from tokend.model import AccountState, StoredAccount, TokenSet
-from tokend.policy import BreakerState, BreakerStatus, RefreshTiming
+from tokend.policy import BreakerState, BreakerStatus, RefreshLifetime, RefreshTiming
 from tokend.publish.metrics import (
     CIRCUIT_STATE_VALUES,
     REFRESH_OUTCOMES,
@@ -59,6 +59,8 @@ class FakeAccount:
     provider_name: str
     state: AccountState = AccountState.PENDING
     published: TokenSet | None = None
+    reauth_deadline: float | None = None
+    lifetime: RefreshLifetime = field(default_factory=RefreshLifetime)
 
     @property
     def provider(self) -> str:
@@ -93,8 +95,9 @@ def small_engine() -> FakeEngine:
         }
     )
     engine.accounts = {
-        "alice": FakeAccount("idp", AccountState.VALID, token(3000)),
-        "bob": FakeAccount("idp", AccountState.RETRYING, token(45)),
+        "alice": FakeAccount("idp", AccountState.VALID, token(3000), NOW + 20 * 86400),
+        # Within the default 14-day warning.
+        "bob": FakeAccount("idp", AccountState.RETRYING, token(45), NOW + 3 * 86400),
         "carol": FakeAccount("idp", AccountState.PENDING),
         "dave": FakeAccount("corp", AccountState.BLOCKED, token(-30)),
     }
@@ -158,6 +161,7 @@ async def test_every_series_with_its_type_and_labels() -> None:
         "tokend_token_remaining_seconds": ("histogram", {"provider"}),
         "tokend_circuit_state": ("gauge", {"provider"}),
         "tokend_circuit_open_permanent": ("gauge", {"provider"}),
+        "tokend_reauth_warning_accounts": ("gauge", {"provider"}),
         "tokend_store_degraded": ("gauge", set()),
         "process_start_time_seconds": ("gauge", set()),
     }
@@ -316,7 +320,17 @@ async def test_the_view_follows_the_engine() -> None:
 
 # -- per-account series ---------------------------------------------------------------------
 
-PER_ACCOUNT = ("tokend_token_expiry_timestamp_seconds", "tokend_account_state")
+PER_ACCOUNT = (
+    "tokend_token_expiry_timestamp_seconds",
+    "tokend_reauth_deadline_seconds",
+    "tokend_account_state",
+)
+
+
+async def test_accounts_nearing_reauthorization_are_counted_per_provider() -> None:
+    families = await render_plain(Metrics(small_engine(), ServeConfig()))
+    assert value(families, "tokend_reauth_warning_accounts", provider="idp") == 1
+    assert value(families, "tokend_reauth_warning_accounts", provider="corp") == 0
 
 
 async def test_per_account_series_are_opt_in() -> None:
@@ -334,6 +348,10 @@ async def test_per_account_series_are_opt_in() -> None:
     assert value(families, expiry, account="alice") == NOW + 3000
     assert value(families, expiry, account="dave") == NOW - 30
     assert not [s for s in samples(families, expiry) if s.labels["account"] == "carol"]
+    deadlines = {
+        s.labels["account"]: s.value for s in samples(families, "tokend_reauth_deadline_seconds")
+    }
+    assert deadlines == {"alice": NOW + 20 * 86400, "bob": NOW + 3 * 86400}
     # One series per account: its current state, 1.
     states = {
         s.labels["account"]: (s.labels["state"], s.value)

@@ -38,7 +38,7 @@ def test_rules_pass_promtool_check_and_unit_tests() -> None:
         [promtool, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60
     )
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "SUCCESS: 7 rules found" in check.stdout
+    assert "SUCCESS: 8 rules found" in check.stdout
     unit = subprocess.run(
         [promtool, "test", "rules", "tokend-rules.test.yaml"],
         capture_output=True,

@@ -386,8 +386,12 @@ def test_accounts_show_state_and_never_a_token(
         "next_refresh_at",
         "last_error",
         "publish_error",
+        "reauth_deadline",
+        "reauth_warning",
     }
     assert alice["publish_error"] is None
+    # Nothing is known of the refresh token's lifetime at this provider.
+    assert alice["reauth_deadline"] is None and alice["reauth_warning"] is False
     assert alice["provider"] == "idp" and alice["state"] in {"valid", "queued", "refreshing"}
     assert alice["token_valid"] is True and alice["required"] is True
     assert alice["next_refresh_at"] >= int(time.time()) - 1

@@ -264,6 +264,7 @@ def format_status(accounts: list[dict[str, Any]], now: float) -> str:
         "EXPIRES IN",
         "LAST REFRESH",
         "NEXT REFRESH",
+        "REAUTH BY",
         "LAST ERROR",
     )
     rows = [header]
@@ -277,6 +278,7 @@ def format_status(accounts: list[dict[str, Any]], now: float) -> str:
                 _expires_in(expires_at, now),
                 _ago(a.get("last_refresh_at"), now),
                 _until(a.get("next_refresh_at"), now),
+                _reauth_by(a, now),
                 _truncate(_error_column(a), _LAST_ERROR_WIDTH),
             )
         )
@@ -325,6 +327,15 @@ def _until(ts: float | None, now: float) -> str:
     if ts is None:
         return "-"
     return "now" if ts <= now else f"in {_duration(ts - now)}"
+
+
+def _reauth_by(account: dict[str, Any], now: float) -> str:
+    """REAUTH BY: when a new sign-in is due, marked once it is within the warning."""
+    deadline = account.get("reauth_deadline")
+    if not isinstance(deadline, int | float):
+        return "-"
+    when = _until(deadline, now)
+    return f"{when} (sign in again)" if account.get("reauth_warning") else when
 
 
 def _truncate(text: str, width: int) -> str:

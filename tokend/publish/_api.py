@@ -34,8 +34,13 @@ On the unix socket::
     GET  /v1/accounts
         200 {"accounts": [{"name", "provider", "state", "required", "token_valid",
         "expires_at", "version", "last_refresh_at", "next_refresh_at", "last_error",
-        "publish_error"}]}, sorted by name; never a token. publish_error: why the
-        account's token files do not show its current token (null when they do).
+        "publish_error", "reauth_deadline", "reauth_warning"}]}, sorted by name; never
+        a token. publish_error: why the account's token files do not show its current
+        token (null when they do). reauth_deadline (unix seconds, null when unknown):
+        when the account's refresh token stops working however often it is refreshed
+        (its provider's refresh_token_max_age, an expiry the IdP reported that
+        refreshes do not move, and while it cannot be refreshed, its idle limit);
+        reauth_warning: true once that is within the provider's reauth_warning.
     PUT  /v1/accounts/{account}/seed    body {"refresh_token": "..."}
         A new seed from a sign-in (``tokend login``), accepted only from the daemon's
         own uid or root (SO_PEERCRED). Written to the account's seed file when it has
@@ -80,6 +85,7 @@ import orjson
 
 from tokend.config import ServeConfig
 from tokend.model import AccountState, TokenSet
+from tokend.policy import reauth_warning
 from tokend.publish._base import ReportingPublisher
 from tokend.publish._feed import EventStream, LongPoll, TokenFeed
 from tokend.publish._http import (
@@ -750,6 +756,7 @@ def _account_view(
     account: Account, now: float, publish_error: str | None = None
 ) -> dict[str, object]:
     token = account.published
+    deadline = account.reauth_deadline
     view: dict[str, object] = {
         "name": account.name,
         "provider": account.provider,
@@ -764,6 +771,8 @@ def _account_view(
         "next_refresh_at": _epoch(account.next_attempt_at),
         "last_error": account.last_error,
         "publish_error": publish_error,
+        "reauth_deadline": _epoch(deadline),
+        "reauth_warning": reauth_warning(account.lifetime, deadline, now),
     }
     if account.config.writes_back:
         view["vault_writeback_pending"] = account.writeback_pending

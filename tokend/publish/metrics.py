@@ -44,6 +44,10 @@ The engine's view, computed at scrape time:
 ``tokend_circuit_open_permanent{provider}`` gauge
     1 while the breaker is held open until the configuration changes
     (``invalid_client`` and the like), else 0.
+``tokend_reauth_warning_accounts{provider}`` gauge
+    Accounts whose re-authorization deadline (see ``tokend_reauth_deadline_seconds``)
+    is within their provider's ``reauth_warning``, or past: someone has to sign in
+    again (``tokend login``) before then. 0 when none is.
 ``tokend_store_degraded`` gauge
     1 while the durable store is unsound (its file was deleted or replaced and not
     yet rebuilt, say), else 0. Rotated tokens may not be durable meanwhile.
@@ -58,6 +62,13 @@ per account; off by default to keep cardinality bounded by providers and states)
 
 ``tokend_token_expiry_timestamp_seconds{account}`` gauge
     Unix time at which the account's published token expires (accounts holding one).
+``tokend_reauth_deadline_seconds{account}`` gauge
+    Unix time by which the account's refresh token stops working however often it is
+    refreshed (like ``tokend_token_expiry_timestamp_seconds``, a point in time:
+    ``tokend_reauth_deadline_seconds - time()`` is what is left). Only accounts with a
+    known deadline: a ``refresh_token_max_age``, an IdP-reported refresh-token expiry
+    that refreshes do not move, or, while the account cannot be refreshed, its idle
+    limit.
 ``tokend_account_state{account,state}`` gauge
     1, for the account's current state only. The full enum pattern (every state, 0 or
     1) would cost seven series per account; with one, a state change ends the old
@@ -110,7 +121,7 @@ from tokend._version import __version__
 from tokend.config import ServeConfig
 from tokend.model import AccountState, TokenSet
 from tokend.oauth import FailureKind
-from tokend.policy import BreakerState, BreakerStatus
+from tokend.policy import BreakerState, BreakerStatus, RefreshLifetime
 from tokend.publish._base import ReportingPublisher
 
 if TYPE_CHECKING:
@@ -175,6 +186,12 @@ class AccountView(Protocol):
     @property
     def published(self) -> TokenSet | None: ...
 
+    @property
+    def reauth_deadline(self) -> float | None: ...
+
+    @property
+    def lifetime(self) -> RefreshLifetime: ...
+
 
 class ProviderView(Protocol):
     @property
@@ -211,6 +228,8 @@ class _ProviderTally:
     remaining_sum: float = 0.0
     circuit: BreakerStatus | None = None
     permanent: bool = False
+    # Accounts whose re-authorization deadline is within their warning lead.
+    reauth_warning: int = 0
 
 
 class _AccountsChanged(Exception):
@@ -225,6 +244,7 @@ class _Snapshot:
     account_names: list[str] | None = None
     account_states: list[AccountState] | None = None
     account_expiries: list[float | None] | None = None
+    account_deadlines: list[float | None] | None = None
     # (publisher, accounts failing, errors so far) for publishers that report failures.
     publishers: list[tuple[str, int, int]] = field(default_factory=list)
 
@@ -235,13 +255,16 @@ def _tally(
     now: float,
     states_out: list[AccountState] | None,
     expiries_out: list[float | None] | None,
+    deadlines_out: list[float | None] | None = None,
 ) -> None:
-    """Count ``accounts`` into ``providers``, and append each account's state and
-    expiry to ``states_out`` and ``expiries_out`` when given (the hot loop: lean)."""
+    """Count ``accounts`` into ``providers``, and append each account's state, expiry
+    and re-authorization deadline to ``states_out``, ``expiries_out`` and
+    ``deadlines_out`` when given (the hot loop: lean)."""
     bounds = REMAINING_BUCKETS
     find = bisect.bisect_left
     add_state = states_out.append if states_out is not None else None
     add_expiry = expiries_out.append if expiries_out is not None else None
+    add_deadline = deadlines_out.append if deadlines_out is not None else None
     for account in accounts:
         name = account.provider
         tally = providers.get(name)
@@ -251,10 +274,15 @@ def _tally(
         tally.states[state] += 1
         token = account.published
         expires_at = None if token is None else token.expires_at
+        deadline = account.reauth_deadline
+        if deadline is not None and deadline - now <= account.lifetime.warning:
+            tally.reauth_warning += 1
         if add_state is not None:
             add_state(state)
         if add_expiry is not None:
             add_expiry(expires_at)
+        if add_deadline is not None:
+            add_deadline(deadline)
         if expires_at is None:
             continue
         remaining = expires_at - now
@@ -297,10 +325,16 @@ class _SnapshotCollector:
             "1 while the provider's breaker is open until the configuration changes.",
             labels=["provider"],
         )
+        reauth = GaugeMetricFamily(
+            "tokend_reauth_warning_accounts",
+            "Accounts whose re-authorization deadline is within the provider's reauth_warning.",
+            labels=["provider"],
+        )
         les = [repr(float(bound)) for bound in REMAINING_BUCKETS] + ["+Inf"]
         for name, tally in providers:
             for state, count in tally.states.items():
                 accounts.add_metric([name, state.value], count)
+            reauth.add_metric([name], tally.reauth_warning)
             if tally.tokens:
                 min_remaining.add_metric([name], tally.min_remaining)
             cumulative = 0
@@ -317,7 +351,7 @@ class _SnapshotCollector:
             "1 while the durable store is unsound (its file deleted or replaced, say).",
         )
         store.add_metric([], 1.0 if self.snapshot.store_degraded else 0.0)
-        yield from (accounts, min_remaining, remaining, circuit, permanent, store)
+        yield from (accounts, min_remaining, remaining, circuit, permanent, reauth, store)
         if self.snapshot.publishers:
             failing = GaugeMetricFamily(
                 "tokend_publish_failing",
@@ -339,6 +373,11 @@ _EXPIRY_HEADER = (
     "# HELP tokend_token_expiry_timestamp_seconds "
     "Unix time at which the account's published token expires.\n"
     "# TYPE tokend_token_expiry_timestamp_seconds gauge\n"
+)
+_DEADLINE_HEADER = (
+    "# HELP tokend_reauth_deadline_seconds "
+    "Unix time by which the account's refresh token stops working, however often refreshed.\n"
+    "# TYPE tokend_reauth_deadline_seconds gauge\n"
 )
 _STATE_HEADER = (
     "# HELP tokend_account_state "
@@ -372,7 +411,8 @@ def _per_account_exposition(snapshot: _Snapshot) -> list[bytes]:
     names = snapshot.account_names
     states = snapshot.account_states
     expiries = snapshot.account_expiries
-    if names is None or states is None or expiries is None:
+    deadlines = snapshot.account_deadlines
+    if names is None or states is None or expiries is None or deadlines is None:
         return []
     step = _FORMAT_STEP
     labels: list[str] = []
@@ -385,6 +425,17 @@ def _per_account_exposition(snapshot: _Snapshot) -> list[bytes]:
             f'tokend_token_expiry_timestamp_seconds{{account="{label}"}} {_sample_value(at)}\n'
             for label, at in zip(
                 labels[start : start + step], expiries[start : start + step], strict=True
+            )
+            if at is not None
+        ]
+        pieces.append("".join(lines).encode())
+        time.sleep(0)
+    pieces.append(_DEADLINE_HEADER.encode())
+    for start in range(0, len(labels), step):
+        lines = [
+            f'tokend_reauth_deadline_seconds{{account="{label}"}} {_sample_value(at)}\n'
+            for label, at in zip(
+                labels[start : start + step], deadlines[start : start + step], strict=True
             )
             if at is not None
         ]
@@ -624,6 +675,7 @@ class Metrics:
             names = snapshot.account_names = []
             snapshot.account_states = []
             snapshot.account_expiries = []
+            snapshot.account_deadlines = []
         # The live mapping, read in slices (no copy of 100,000 entries on the loop);
         # a change of its size between slices (a reload) starts the tally over.
         keys = iter(accounts)
@@ -639,7 +691,14 @@ class Metrics:
                 raise _AccountsChanged from exc
             if not chunk:
                 return snapshot
-            _tally(chunk, tallies, now, snapshot.account_states, snapshot.account_expiries)
+            _tally(
+                chunk,
+                tallies,
+                now,
+                snapshot.account_states,
+                snapshot.account_expiries,
+                snapshot.account_deadlines,
+            )
             if time.perf_counter() - slice_started >= _SLICE_BUDGET:
                 await anyio.lowlevel.checkpoint()
                 slice_started = time.perf_counter()
