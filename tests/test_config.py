@@ -767,3 +767,72 @@ def test_presets_fill_in_what_is_left_out() -> None:
     assert provider().reuse_grace == 0
     with pytest.raises(ValueError, match="preset"):
         provider(preset="nowhere")
+
+
+DAY = 86400.0
+
+
+@pytest.mark.parametrize(
+    ("preset", "max_idle", "max_age"),
+    [
+        ("google", 180 * DAY, None),
+        ("entra", 90 * DAY, None),
+        ("xero", 60 * DAY, None),
+        ("okta", None, 90 * DAY),
+        ("auth0", None, 30 * DAY),
+        # The IdP reports it (Keycloak), or it is each deployment's own setting.
+        ("keycloak", None, None),
+        ("salesforce", None, None),
+        ("hydra", None, None),
+    ],
+)
+def test_presets_know_the_documented_refresh_token_lifetimes(
+    preset: str, max_idle: float | None, max_age: float | None
+) -> None:
+    from tokend.config import ProviderConfig
+
+    base = {"issuer": "https://idp.example", "client_id": "c", "auth_method": "none"}
+    config = ProviderConfig.model_validate({**base, "preset": preset})
+    assert (config.refresh_token_max_idle, config.refresh_token_max_age) == (max_idle, max_age)
+    assert config.reauth_warning == 14 * DAY
+    # The operator's setting wins, an explicit null included.
+    mine = ProviderConfig.model_validate(
+        {
+            **base,
+            "preset": preset,
+            "refresh_token_max_idle": "7d",
+            "refresh_token_max_age": None,
+            "reauth_warning": "3d",
+        }
+    )
+    assert (mine.refresh_token_max_idle, mine.refresh_token_max_age) == (7 * DAY, None)
+    assert mine.reauth_warning == 3 * DAY
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"refresh_token_max_idle": "soon"}, "refresh_token_max_idle"),
+        ({"refresh_token_max_age": 0}, "refresh_token_max_age"),
+        ({"reauth_warning": "-1d"}, "reauth_warning"),
+    ],
+)
+def test_refresh_token_lifetimes_are_checked(settings: dict[str, object], message: str) -> None:
+    from tokend.config import ProviderConfig
+
+    base = {"issuer": "https://idp.example", "client_id": "c", "auth_method": "none"}
+    with pytest.raises(ValueError, match=message):
+        ProviderConfig.model_validate({**base, **settings})
+
+
+def test_one_account_commands_say_what_is_wrong_with_the_config(tmp_path: Path) -> None:
+    from tokend.config import AccountNotLoaded, load_account
+
+    path = tmp_path / "config.yaml"
+    path.write_text("providers: {}\naccounts: {}\nserve: {tiemout: 1}\n")
+    with pytest.raises(AccountNotLoaded, match=r"error\(s\)") as bad:
+        load_account("alice", str(path))
+    assert "tiemout" in str(bad.value)
+    path.write_text("providers: {}\naccounts: {}\n")
+    with pytest.raises(AccountNotLoaded, match=r"no account 'alice' \(accounts: none\)"):
+        load_account("alice", str(path))

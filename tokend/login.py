@@ -34,7 +34,7 @@ import anyio.abc
 import orjson
 
 from tokend._daemon_call import DaemonCallFailed, DaemonNotRunning, call_daemon
-from tokend.config import AccountConfig, Config, ConfigError, load_config, resolve_config_path
+from tokend.config import AccountConfig, AccountNotLoaded, Config, load_account
 from tokend.oauth import ProviderClient, ProviderSetupError, TokenFailure, TokenResponse
 from tokend.oauth._authorize import (
     AuthorizationError,
@@ -78,17 +78,10 @@ def login_command(
 ) -> int:
     """``tokend login``: 0 when the account holds the new seed, 1 when signing in
     failed, 2 for a bad config or an unknown account."""
-    path = resolve_config_path(config_arg, os.environ)
     try:
-        config = load_config(path)
-    except ConfigError as exc:
+        config, aconf = load_account(account, config_arg)
+    except AccountNotLoaded as exc:
         print(str(exc), file=err)
-        print(f"{path}: {len(exc.errors)} error(s)", file=err)
-        return 2
-    aconf = config.accounts.get(account)
-    if aconf is None:
-        known = ", ".join(sorted(config.accounts)) or "none"
-        print(f"{path}: no account {account!r} (accounts: {known})", file=err)
         return 2
     if aconf.grant != "refresh_token":
         print(

@@ -10,7 +10,6 @@ socket): it holds the store and the account's current refresh token.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,11 +21,10 @@ import anyio
 from tokend._daemon_call import DaemonCallFailed, DaemonNotRunning, call_daemon
 from tokend.config import (
     AccountConfig,
+    AccountNotLoaded,
     Config,
-    ConfigError,
     ProviderConfig,
-    load_config,
-    resolve_config_path,
+    load_account,
 )
 from tokend.oauth import ProviderClient, ProviderSetupError, TokenFailure
 from tokend.oauth._http import RawResponse
@@ -45,17 +43,10 @@ class RevokeError(Exception):
 def revoke_command(account: str, *, config_arg: str | None, err: TextIO = sys.stderr) -> int:
     """``tokend revoke``: 0 when revoked, 1 when it failed, 2 for a bad config or an
     unknown account."""
-    path = resolve_config_path(config_arg, os.environ)
     try:
-        config = load_config(path)
-    except ConfigError as exc:
+        config, aconf = load_account(account, config_arg)
+    except AccountNotLoaded as exc:
         print(str(exc), file=err)
-        print(f"{path}: {len(exc.errors)} error(s)", file=err)
-        return 2
-    aconf = config.accounts.get(account)
-    if aconf is None:
-        known = ", ".join(sorted(config.accounts)) or "none"
-        print(f"{path}: no account {account!r} (accounts: {known})", file=err)
         return 2
     try:
         message = None

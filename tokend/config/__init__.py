@@ -1,5 +1,6 @@
 """Configuration: the schema, and loading it from YAML with errors that point at lines."""
 
+from tokend.config._command import AccountNotLoaded, load_account
 from tokend.config._load import (
     ConfigError,
     ConfigIssue,
@@ -30,6 +31,7 @@ from tokend.config._schema import (
 
 __all__ = [
     "AccountConfig",
+    "AccountNotLoaded",
     "AllowConfig",
     "BackoffConfig",
     "BreakerConfig",
@@ -47,6 +49,7 @@ __all__ = [
     "VaultAuthConfig",
     "VaultConfig",
     "VaultRef",
+    "load_account",
     "load_config",
     "parse_duration",
     "read_secret_file",
