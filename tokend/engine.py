@@ -246,7 +246,8 @@ class Engine:
         ):
             # The store holds the chain rotated from this seed: the store wins.
             record = stored
-            if stored.consented_at is None and stored.refresh_token is not None:
+            first_seen = stored.consented_at is None and stored.refresh_token is not None
+            if first_seen:
                 # A record from before lifetimes were tracked: its chain is taken as
                 # begun now (first seen), and last used when its token was issued.
                 token = stored.token
@@ -257,8 +258,10 @@ class Engine:
             if seed_fp != stored.seed_fingerprint:
                 # The same token at a new vault version (another field, or our own
                 # write-back whose record update did not land): the chain goes on.
-                record = record.evolve(seed_fingerprint=seed_fp)
-            if record is not stored:
+                record = await self._put_or_keep(record.evolve(seed_fingerprint=seed_fp))
+            elif first_seen and not isinstance(self.store, SharedStore):
+                # Kept at once. In a shared store only the account's owner may write
+                # it: there it goes with the record's next write (the next refresh).
                 record = await self._put_or_keep(record)
             register_secret(record.refresh_token)
             if record.in_flight_since is not None:
@@ -615,8 +618,13 @@ class Engine:
         warning lead: once at start, then at most once a day."""
         name = account.name
         deadline = account.reauth_deadline
+        if deadline is None:
+            # Most accounts: nothing known, nothing to read the clock for.
+            if self._reauth_logged:
+                self._reauth_logged.pop(name, None)
+            return
         now = self.clock.time()
-        if deadline is None or not reauth_warning(account.lifetime, deadline, now):
+        if not reauth_warning(account.lifetime, deadline, now):
             self._reauth_logged.pop(name, None)
             return
         logged = self._reauth_logged.get(name)

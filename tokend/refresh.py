@@ -314,8 +314,10 @@ class Refresh:
         """The answer was refused, but the refresh token it rotated to is usable: it is
         the only live one now, so it is committed like any other (durable first)."""
         register_secret(rotated)
+        now = self.host.clock.time()
+        # A new refresh token: its idle window starts now.
         record = account.record.evolve(
-            refresh_token=rotated, in_flight_since=None, updated_at=self.host.clock.time()
+            refresh_token=rotated, in_flight_since=None, updated_at=now, refresh_used_at=now
         )
         published = account.published
         with anyio.CancelScope(shield=True):
