@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import math
 import ssl
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -32,6 +31,7 @@ from typing import Any, Final
 
 import anyio
 import httpx
+import orjson
 
 from tokend.store._base import StoreError
 
@@ -291,16 +291,37 @@ class EtcdClient:
         )
 
     async def range_all(
-        self, prefix: bytes, *, page: int = 500, budget: float | None = None
+        self,
+        prefix: bytes,
+        *,
+        page: int = 500,
+        budget: float | None = None,
+        revision: int = 0,
+        keys_only: bool = False,
     ) -> tuple[list[KeyValue], int]:
-        """Every key under ``prefix``, read page by page at one revision."""
+        """Every key under ``prefix``, read page by page at one revision (``revision``,
+        or the current one) and that revision."""
         end = prefix_end(prefix)
-        first = await self.range(prefix, end, limit=page, budget=budget, bulk=True)
-        kvs, revision = list(first.kvs), first.revision
+        first = await self.range(
+            prefix,
+            end,
+            limit=page,
+            revision=revision,
+            keys_only=keys_only,
+            budget=budget,
+            bulk=True,
+        )
+        kvs, revision = list(first.kvs), revision or first.revision
         more = first.more
         while more and kvs:
             nxt = await self.range(
-                kvs[-1].key + b"\0", end, limit=page, revision=revision, budget=budget, bulk=True
+                kvs[-1].key + b"\0",
+                end,
+                limit=page,
+                revision=revision,
+                keys_only=keys_only,
+                budget=budget,
+                bulk=True,
             )
             kvs.extend(nxt.kvs)
             more = nxt.more
@@ -373,7 +394,7 @@ class EtcdClient:
         self._current += 1
         self.watch_endpoint = endpoint
         headers = await self._auth_headers()
-        payload = json.dumps({"create_request": create}).encode()
+        payload = orjson.dumps({"create_request": create})
         self.requests += 1
         self.bytes_sent += len(payload)
         try:
@@ -387,7 +408,7 @@ class EtcdClient:
                     if not line.strip():
                         continue
                     self.bytes_received += len(line)
-                    message = json.loads(line)
+                    message = _watch_message(endpoint, line)
                     if "error" in message:
                         error = message["error"]
                         raise EtcdUnavailable(
@@ -441,7 +462,7 @@ class EtcdClient:
         http = self._http
         if http is None:
             raise EtcdError(f"etcd {path} failed: the client is not open")
-        payload = json.dumps(body).encode()
+        payload = orjson.dumps(body)
         budget = self.call_timeout if budget is None else budget
         deadline = anyio.current_time() + budget
         last = "no endpoint tried"
@@ -471,8 +492,7 @@ class EtcdClient:
                 last = f"{endpoint}: {_reason(exc)}"
             else:
                 if response.status_code == 200:
-                    answer: dict[str, Any] = response.json()
-                    return answer
+                    return _answer(path, endpoint, response.content)
                 message = _error_message(response)
                 if response.status_code == 401 and not reauthenticated and self._username:
                     # The auth token expired (etcd drops simple tokens after 5 minutes
@@ -505,7 +525,7 @@ class EtcdClient:
         http = self._http
         if http is None:
             raise EtcdError("etcd authenticate failed: the client is not open")
-        payload = json.dumps({"name": self._username, "password": self._password}).encode()
+        payload = orjson.dumps({"name": self._username, "password": self._password})
         last = ""
         for _ in range(len(self.endpoints)):
             endpoint = self.endpoints[self._current % len(self.endpoints)]
@@ -536,6 +556,26 @@ class EtcdClient:
         if response.status_code in _RETRY_STATUS:
             return EtcdUnavailable(f"etcd {path} on {endpoint}: {message}")
         return EtcdRejected(f"etcd {path} on {endpoint} refused: {message}")
+
+
+def _answer(path: str, endpoint: str, content: bytes) -> dict[str, Any]:
+    try:
+        answer = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        answer = None
+    if not isinstance(answer, dict):
+        raise EtcdRejected(f"etcd {path} on {endpoint}: the answer is not a JSON object")
+    return answer
+
+
+def _watch_message(endpoint: str, line: str) -> dict[str, Any]:
+    try:
+        message = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        message = None
+    if not isinstance(message, dict):
+        raise EtcdUnavailable(f"etcd watch on {endpoint}: a message that is not a JSON object")
+    return message
 
 
 def _error_message(response: httpx.Response) -> str:

@@ -59,6 +59,7 @@ from tokend.store._crypto import RecordCipher, StateKeyError, load_key
 from tokend.store._etcd_client import (
     EtcdClient,
     EtcdError,
+    EtcdRejected,
     KeyValue,
     LeaseNotFound,
     WatchCompacted,
@@ -75,10 +76,12 @@ __all__ = ["EtcdSettings", "EtcdStore", "StoreFenced", "rendezvous_owner"]
 
 _log = get_logger()
 
-# Owner keys acquired per txn (etcd allows 128 operations per txn branch by default).
-_ACQUIRE_BATCH: Final = 64
-# Batches in flight at once during a takeover.
-_ACQUIRE_PARALLEL: Final = 8
+# Owner keys created (or deleted) per txn: etcd's default limit of operations per txn
+# branch (--max-txn-ops 128). A cluster set lower refuses the txn; the batch is halved.
+_KEYS_PER_TXN: Final = 128
+# Batches in flight at once: a third of 10,000 accounts taken over by two survivors is
+# one round of txns each.
+_ACQUIRE_PARALLEL: Final = 16
 _ENVELOPE_VERSION: Final = 1
 _SWEEP_INTERVAL: Final = 3.0
 
@@ -127,7 +130,7 @@ def _default_replica_id() -> str:
 
 
 @dataclass(slots=True)
-class _Ownership:
+class _FleetState:
     """What this replica knows about members and owner keys (from the watch)."""
 
     members: set[str] = field(default_factory=set)
@@ -141,6 +144,30 @@ class _Ownership:
     releasing: set[str] = field(default_factory=set)
     # every account known to exist (records in etcd, or asked about)
     accounts: set[str] = field(default_factory=set)
+    # accounts whose owner key was deleted since the last rebalance (a replica's lease
+    # ran out, or it gave them up): the only ones a leave can have moved to this one
+    orphans: set[str] = field(default_factory=set)
+    # account -> its rendezvous owner among ``members``, filled as asked and emptied
+    # when the membership changes: the sweep over every account every few seconds
+    # is then lookups, not a hash per account and member
+    assigned: dict[str, str | None] = field(default_factory=dict)
+
+    def join(self, member: str) -> None:
+        if member not in self.members:
+            self.members.add(member)
+            self.assigned.clear()
+
+    def leave(self, member: str) -> None:
+        if member in self.members:
+            self.members.discard(member)
+            self.assigned.clear()
+
+    def owner_by_hash(self, account: str) -> str | None:
+        try:
+            return self.assigned[account]
+        except KeyError:
+            owner = self.assigned[account] = rendezvous_owner(account, self.members)
+            return owner
 
 
 class EtcdStore:
@@ -156,7 +183,7 @@ class EtcdStore:
         self._prefix = prefix
         self._client: EtcdClient | None = None
         self._cipher: RecordCipher | None = None
-        self._state = _Ownership()
+        self._state = _FleetState()
         self._lease = 0
         self._lease_ttl = max(2, math.ceil(settings.lease_ttl))
         # Monotonic time until which the lease is surely alive: the send time of the
@@ -168,6 +195,7 @@ class EtcdStore:
         self._keepalive_error: str | None = None
         self._rebalance_wanted = anyio.Event()
         self._closing = False
+        self._keys_per_txn = _KEYS_PER_TXN
         # Records other replicas wrote, accounts taken over: to whoever follows
         # (bounded: a slow follower holds the watch back rather than memory growing).
         self._changes_send, self._changes_recv = anyio.create_memory_object_stream[StoreChange](
@@ -190,8 +218,9 @@ class EtcdStore:
         return self._client
 
     async def open(self) -> None:
-        """Read the key and credentials, join the cluster's membership, load the
-        ownership map. Fails with one clear StoreError when etcd cannot be reached."""
+        """Read the key and credentials, load the membership and ownership map (the
+        replica joins in :meth:`run`). Fails with one clear StoreError when etcd
+        cannot be reached."""
         if self._client is not None:
             return
         s = self.settings
@@ -218,7 +247,6 @@ class EtcdStore:
         await client.open()
         self._client = client
         try:
-            await self._join()
             await self._sync()
         except BaseException:
             self._client = None
@@ -242,8 +270,14 @@ class EtcdStore:
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """The store's background work: keep the lease alive, follow the watch,
-        rebalance ownership. Runs until cancelled."""
+        """Join the membership, then the store's background work: keep the lease
+        alive, follow the watch, rebalance ownership. Runs until cancelled.
+
+        The lease is granted here, not in :meth:`open`: what a replica does between
+        the two (reading its config and every record, at 10,000 accounts several
+        seconds on a loaded host) would otherwise outlast a lease nobody renews, and
+        the others would take over and hand back its accounts for nothing."""
+        await self._join()
         async with anyio.create_task_group() as group:
             group.start_soon(self._keepalive_loop)
             group.start_soon(self._watch_loop)
@@ -321,6 +355,7 @@ class EtcdStore:
             [], [op_delete(self._record_key(account)), op_delete(self._owner_key(account))]
         )
         self._state.accounts.discard(account)
+        self._state.assigned.pop(account, None)
         self._state.held.pop(account, None)
 
     # -- Store protocol: ownership ---------------------------------------------------
@@ -333,7 +368,7 @@ class EtcdStore:
         if not self._lease_usable() or account in st.releasing:
             return False
         if account not in st.held:
-            if rendezvous_owner(account, st.members) != self.replica_id:
+            if st.owner_by_hash(account) != self.replica_id:
                 return False
             if account in st.owners:
                 return False
@@ -345,7 +380,7 @@ class EtcdStore:
     async def release(self, account: str, owner: str) -> None:
         st = self._state
         st.busy.discard(account)
-        if account in st.held and rendezvous_owner(account, st.members) != self.replica_id:
+        if account in st.held and st.owner_by_hash(account) != self.replica_id:
             self._rebalance_wanted.set()
 
     def changes(self) -> AsyncIterator[StoreChange]:
@@ -403,7 +438,7 @@ class EtcdStore:
         member = {"replica": self.replica_id, "lease": f"{lease:x}"}
         key = self._member_key(self.replica_id)
         await client.txn([], [op_put(key, orjson.dumps(member), lease)])
-        self._state.members.add(self.replica_id)
+        self._state.join(self.replica_id)
         self._problem = None
         _log.info("etcd_joined", replica=self.replica_id, lease=f"{lease:x}", lease_ttl_s=ttl)
 
@@ -437,7 +472,7 @@ class EtcdStore:
         """The lease is gone (and with it every owner key): join again."""
         lost = list(self._state.held)
         self._state.held.clear()
-        self._state.members.discard(self.replica_id)
+        self._state.leave(self.replica_id)
         self._problem = f"etcd {why}: rejoining ({len(lost)} accounts given up)"
         while not self._closing:
             try:
@@ -453,32 +488,24 @@ class EtcdStore:
     async def _sync(self) -> None:
         """Read members and owner keys (and which accounts exist) at one revision."""
         client = self.client
+        # In pages at one revision: on a loaded host one answer with every key of
+        # 10,000 accounts may outlast its deadline, retried whole each time.
         members, revision = await client.range_all(self._members_prefix)
-        owners, _ = await self._range_at(self._owners_prefix, revision)
+        owners, _ = await client.range_all(self._owners_prefix, revision=revision)
         st = self._state
         st.members = {_suffix(kv.key, self._members_prefix) for kv in members}
         st.members.add(self.replica_id)
+        st.assigned.clear()
         st.owners = {
             _suffix(kv.key, self._owners_prefix): (kv.value.decode(), kv.create_revision)
             for kv in owners
         }
-        keys = await client.range(
-            self._accounts_prefix,
-            prefix_end(self._accounts_prefix),
-            keys_only=True,
-            revision=revision,
-            bulk=True,
+        keys, _ = await client.range_all(
+            self._accounts_prefix, revision=revision, keys_only=True, page=2000
         )
-        st.accounts.update(_suffix(kv.key, self._accounts_prefix) for kv in keys.kvs)
+        st.accounts.update(_suffix(kv.key, self._accounts_prefix) for kv in keys)
         self._watch_revision = revision
         self._rebalance_wanted.set()
-
-    async def _range_at(self, prefix: bytes, revision: int) -> tuple[list[KeyValue], int]:
-        result = await self.client.range(prefix, prefix_end(prefix), revision=revision, bulk=True)
-        kvs = list(result.kvs)
-        if result.more:  # pragma: no cover - owner values are tiny; pages are rare
-            kvs, _ = await self.client.range_all(prefix)
-        return kvs, revision
 
     async def _watch_loop(self) -> None:
         client = self.client
@@ -507,28 +534,43 @@ class EtcdStore:
                 pause = min(pause * 2, 1.0)
 
     async def _watchdog(self) -> None:
+        """Restart a watch that has gone quiet while keys under the prefix changed (its
+        member cut off from the quorum, or hung)."""
         client = self.client
         interval = self.settings.watchdog_interval
+        prefix, end = self._prefix, prefix_end(self._prefix)
         while True:
             await anyio.sleep(interval)
             seen = self._watch_revision
             try:
-                changed = await client.range(
-                    self._prefix,
-                    prefix_end(self._prefix),
-                    count_only=True,
-                    min_mod_revision=seen + 1,
-                    budget=interval / 2,
-                )
+                # The cluster's revision now (a count reads no values).
+                count = await client.range(prefix, end, count_only=True, budget=interval / 2)
             except EtcdError:
                 continue  # the keep-alive reports an unreachable cluster
-            if changed.count == 0:
-                continue
-            # Keys changed after the last event seen: give those events a moment to
-            # arrive, then restart a watch that delivered nothing at all.
+            now = count.revision
+            if now <= seen:
+                continue  # nothing written anywhere since the last event seen
+            # Give the events a moment to arrive: any event at all shows the watch alive.
             await anyio.sleep(interval / 2)
+            if self._watch_revision != seen:
+                continue
+            # Nothing came, but the writes may all have been outside the prefix (a
+            # cluster shared with others). Whether a key under it changed: etcd applies
+            # min_mod_revision to the keys it returns, not to a count.
+            try:
+                changed = await client.range(
+                    prefix,
+                    end,
+                    keys_only=True,
+                    limit=1,
+                    min_mod_revision=seen + 1,
+                    budget=interval / 2,
+                    bulk=True,
+                )
+            except EtcdError:
+                continue
             scope = self._watch_scope
-            if self._watch_revision == seen and scope is not None:
+            if changed.kvs and self._watch_revision == seen and scope is not None:
                 scope.cancel()
 
     async def _resync(self) -> None:
@@ -547,6 +589,7 @@ class EtcdStore:
             account = _suffix(key, self._accounts_prefix)
             if event.deleted:
                 st.accounts.discard(account)
+                st.assigned.pop(account, None)
                 return
             st.accounts.add(account)
             if not self._followed or _writer(event.kv.value) == self.replica_id:
@@ -561,8 +604,15 @@ class EtcdStore:
         elif key.startswith(self._owners_prefix):
             account = _suffix(key, self._owners_prefix)
             held = st.held.get(account)
+            known = st.owners.get(account)
+            # An acquisition's answer may come before the watch has caught up with
+            # it: an event about an earlier owner key (given up, or its lease gone)
+            # then says nothing about the one created since.
+            if known is not None and known[1] > event.kv.mod_revision:
+                return
             if event.deleted:
                 st.owners.pop(account, None)
+                st.orphans.add(account)
                 if held is not None:
                     self._lose(account, held)
                 self._rebalance_wanted.set()
@@ -576,12 +626,12 @@ class EtcdStore:
             if event.deleted:
                 if member == self.replica_id:
                     return  # the keep-alive finds out and rejoins
-                st.members.discard(member)
+                st.leave(member)
                 _log.info("etcd_member_left", member=member, members=len(st.members))
             else:
                 if member not in st.members:
                     _log.info("etcd_member_joined", member=member, members=len(st.members) + 1)
-                st.members.add(member)
+                st.join(member)
             self._rebalance_wanted.set()
 
     def _lose(self, account: str, create_revision: int) -> None:
@@ -608,11 +658,25 @@ class EtcdStore:
     async def _rebalance(self) -> None:
         st = self._state
         me = self.replica_id
-        members = sorted(st.members)
+        orphans, st.orphans = st.orphans, set()
+        if orphans:
+            # A takeover: the dead replica's owner keys went in one revision. Only
+            # they can have become this replica's, so they go first, without the
+            # pass over every account below (1,000,000 hashes per member at scale).
+            await self._take(
+                [
+                    account
+                    for account in orphans
+                    if account not in st.owners
+                    and account not in st.held
+                    and account in st.accounts
+                    and st.owner_by_hash(account) == me
+                ]
+            )
         want: list[str] = []
         give: list[str] = []
         for account in st.accounts:
-            mine = rendezvous_owner(account, members) == me
+            mine = st.owner_by_hash(account) == me
             if mine and account not in st.owners and account not in st.held:
                 want.append(account)
             elif not mine and account in st.held and account not in st.busy:
@@ -620,11 +684,15 @@ class EtcdStore:
         if give:
             await self._release_keys(give)
             _log.info("etcd_accounts_released", count=len(give), held=len(st.held))
-        if want:
-            got = await self._acquire(sorted(want), announce=True)
-            if got:
-                self.takeovers += len(got)
-                _log.info("etcd_accounts_acquired", count=len(got), held=len(st.held))
+        await self._take(want)
+
+    async def _take(self, accounts: list[str]) -> None:
+        if not accounts:
+            return
+        got = await self._acquire(sorted(accounts), announce=True)
+        if got:
+            self.takeovers += len(got)
+            _log.info("etcd_accounts_acquired", count=len(got), held=len(self._state.held))
 
     async def _acquire(self, accounts: Sequence[str], *, announce: bool = False) -> list[str]:
         """Create the owner keys of ``accounts`` that are free, bound to the lease, a
@@ -632,9 +700,8 @@ class EtcdStore:
         each batch as it lands, so a takeover of thousands of accounts starts
         refreshing the first ones while the rest are still being acquired."""
         got: list[str] = []
-        batches = iter(
-            [accounts[i : i + _ACQUIRE_BATCH] for i in range(0, len(accounts), _ACQUIRE_BATCH)]
-        )
+        size = self._keys_per_txn
+        batches = iter([accounts[i : i + size] for i in range(0, len(accounts), size)])
 
         async def worker() -> None:
             for batch in batches:
@@ -644,11 +711,27 @@ class EtcdStore:
                     await self._tell(AccountsAcquired(tuple(won)))
 
         async with anyio.create_task_group() as group:
-            for _ in range(min(_ACQUIRE_PARALLEL, -(-len(accounts) // _ACQUIRE_BATCH))):
+            for _ in range(min(_ACQUIRE_PARALLEL, -(-len(accounts) // size))):
                 group.start_soon(worker)
         return got
 
     async def _acquire_batch(self, accounts: Sequence[str]) -> list[str]:
+        try:
+            return await self._acquire_txn(accounts)
+        except EtcdRejected as exc:
+            if len(accounts) < 2 or not _too_many_ops(exc):
+                raise
+        # The cluster allows fewer operations per txn than this batch has: halve it
+        # (for good: later batches start at the size that worked).
+        half = len(accounts) // 2
+        self._keys_per_txn = min(self._keys_per_txn, half)
+        _log.warning("etcd_txn_ops_limited", keys_per_txn=self._keys_per_txn)
+        return [
+            *await self._acquire_batch(accounts[:half]),
+            *await self._acquire_batch(accounts[half:]),
+        ]
+
+    async def _acquire_txn(self, accounts: Sequence[str]) -> list[str]:
         client = self.client
         st = self._state
         lease = self._lease
@@ -662,11 +745,18 @@ class EtcdStore:
                 [op_put(k, me, lease) for k in keys],
                 [op_range(k) for k in keys],
             )
+            # What the answer says about the owner keys is as of its revision. Once
+            # the watch has applied that revision, the watch's view is as new or newer
+            # (the key may have been deleted since, by a lease running out or its owner
+            # giving it up): then the answer only confirms, never overwrites. Otherwise
+            # the watch's later events correct what is set here.
+            behind = result.revision > self._watch_revision
             if result.succeeded:
                 for account in pending:
-                    st.held[account] = result.revision
-                    st.owners[account] = (self.replica_id, result.revision)
-                got.extend(pending)
+                    if behind or st.owners.get(account) == (self.replica_id, result.revision):
+                        st.held[account] = result.revision
+                        st.owners[account] = (self.replica_id, result.revision)
+                        got.append(account)
                 break
             free = []
             for account, found in zip(pending, result.ranges, strict=True):
@@ -674,8 +764,10 @@ class EtcdStore:
                     free.append(account)
                     continue
                 kv = found[0]
-                st.owners[account] = (kv.value.decode(), kv.create_revision)
-                if kv.lease == lease and kv.value == me:
+                owner = (kv.value.decode(), kv.create_revision)
+                if behind:
+                    st.owners[account] = owner
+                if kv.lease == lease and kv.value == me and st.owners.get(account) == owner:
                     # An earlier attempt timed out after committing: it is ours.
                     st.held[account] = kv.create_revision
                     got.append(account)
@@ -691,13 +783,22 @@ class EtcdStore:
         # its owner key deleted under it at commit time.
         st.releasing.update(a for a, _ in todo)
         try:
-            for start in range(0, len(todo), _ACQUIRE_BATCH):
-                batch = todo[start : start + _ACQUIRE_BATCH]
+            size = self._keys_per_txn
+            for start in range(0, len(todo), size):
+                batch = todo[start : start + size]
                 keys = [self._owner_key(a) for a, _ in batch]
                 compare = [
                     compare_create(k, held) for k, (_, held) in zip(keys, batch, strict=True)
                 ]
-                result = await self.client.txn(compare, [op_delete(k) for k in keys])
+                try:
+                    result = await self.client.txn(compare, [op_delete(k) for k in keys])
+                except EtcdRejected as exc:
+                    if len(batch) < 2 or not _too_many_ops(exc):
+                        raise
+                    # Fewer operations per txn allowed: the rebalance retries smaller.
+                    self._keys_per_txn = len(batch) // 2
+                    _log.warning("etcd_txn_ops_limited", keys_per_txn=self._keys_per_txn)
+                    raise
                 if not result.succeeded and len(batch) > 1:
                     for key, one in zip(keys, batch, strict=True):
                         await self.client.txn([compare_create(key, one[1])], [op_delete(key)])
@@ -828,6 +929,10 @@ def _writer(value: bytes) -> str | None:
         return None
     writer = envelope.get("by") if isinstance(envelope, dict) else None
     return writer if isinstance(writer, str) else None
+
+
+def _too_many_ops(exc: EtcdRejected) -> bool:
+    return "too many operations" in str(exc)
 
 
 def _owner_name(found: list[KeyValue]) -> str:
