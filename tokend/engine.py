@@ -837,7 +837,7 @@ class Engine:
             return
         async with self._holding(account):
             if record.version > account.record.version:
-                await adopt_record(self, account, record)
+                await adopt_record(self, account, record, followed=True)
 
     async def _revoke_removed(self, account: Account, previous: Config) -> None:
         """Revoke the refresh token of an account just removed from the config (its

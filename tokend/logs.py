@@ -303,7 +303,9 @@ def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = No
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(_LEVELS[level])
-    for noisy in ("httpx", "httpcore", "asyncio"):
+    # APScheduler says "Running job", "Added job" and more at info on every wake of
+    # the refresh timer: four lines per refresh.
+    for noisy in ("httpx", "httpcore", "asyncio", "apscheduler"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -607,10 +607,14 @@ async def publish(host: RefreshHost, account: Account, token: TokenSet) -> None:
         await publisher.publish(account.name, token)
 
 
-async def adopt_record(host: RefreshHost, account: Account, stored: StoredAccount) -> bool:
+async def adopt_record(
+    host: RefreshHost, account: Account, stored: StoredAccount, *, followed: bool = False
+) -> bool:
     """Take ``stored``, written elsewhere (another process or replica, an operator's
     tool), as the account's record. True if its token is fresh enough that no refresh is
-    due now."""
+    due now. ``followed``: a record the owning replica wrote, handed over by a shared
+    store's watch; routine (every refresh of every account followed), so logged at
+    debug level only."""
     now = host.clock.time()
     account.record = stored
     account.unsaved = None
@@ -625,7 +629,8 @@ async def adopt_record(host: RefreshHost, account: Account, stored: StoredAccoun
         account.last_refresh_at = token.issued_at
         host.schedule(account, planned_refresh_at(account, token, host.rng.uniform(-1, 1)))
         await publish(host, account, token)
-        _log.info("record_adopted", account=account.name, version=stored.version)
+        log = _log.debug if followed else _log.info
+        log("record_adopted", account=account.name, version=stored.version)
     return planned_refresh_at(account, token, 0.0) > now
 
 
