@@ -16,6 +16,10 @@ at the steady rate (about accounts / 450 s: 22/s for 10,000), not in one burst.
   killed (SIGKILL); the time from the stop until every account has an owner key again
   (etcd deletes the dead lease's keys after the 5 s TTL, then the others acquire them).
 * RSS per replica: VmRSS of each replica in the steady state.
+* What a follower receives: the records written elsewhere that reach each replica
+  through its watch (``tokend_store_records_followed_total`` on every replica's
+  socket, over the window), per refresh and per follower (each refresh has 2), and
+  the size of one such watch event as the gateway sends it (JSON, base64 value).
 * Reuse: refresh tokens the IdP saw more than once over the whole run, beside the dead
   replica's refreshes that were at the IdP when it was killed: with no reuse grace,
   each of those is a rotation lost by nature, and its retry by the new owner is a reuse.
@@ -41,6 +45,7 @@ from bench._common import (
     Options,
     Row,
     Tokend,
+    http,
     log,
     provider_section,
     rss_mb,
@@ -73,6 +78,28 @@ def etcd_counters(endpoints: list[str]) -> Counter[str]:
             if match:
                 totals["bytes"] += int(float(match.group(1)))
     return totals
+
+
+def records_followed(replica: Tokend) -> int:
+    """The replica's count of records other replicas wrote that reached it."""
+    assert replica.socket is not None
+    _, body = http(replica.socket, "GET", "/metrics")
+    match = re.search(rb"^tokend_store_records_followed_total (\S+)$", body, re.M)
+    if match is None:
+        raise RuntimeError("no tokend_store_records_followed_total in /metrics")
+    return int(float(match.group(1)))
+
+
+def event_bytes(cluster: Any) -> float:
+    """Mean size of a record's watch event as the gateway sends it: the key-value in
+    JSON, key and value base64 (the default PUT type is left out)."""
+    import orjson
+
+    sizes = [
+        len(orjson.dumps({"kv": {**kv, "value": base64.b64encode(kv["value"]).decode()}}))
+        for kv in cluster.get_prefix(PREFIX + "accounts/").values()
+    ]
+    return sum(sizes) / max(1, len(sizes))
 
 
 def owners(cluster: Any) -> Counter[str]:
@@ -221,10 +248,13 @@ def run(options: Options) -> list[Row]:
             spread = owners(cluster)
             time.sleep(5)
             before, stats0 = etcd_counters(cluster.endpoints), idp.stats()["requests"]
+            followed0 = sum(records_followed(r) for r in replicas)
             time.sleep(window)
             after, stats1 = etcd_counters(cluster.endpoints), idp.stats()["requests"]
+            followed = sum(records_followed(r) for r in replicas) - followed0
             refreshes = stats1 - stats0
             delta = after - before
+            per_event = event_bytes(cluster)
             rss = [rss_mb(r.pid) for r in replicas]
             log(f"window {window:.0f} s: {refreshes} refreshes, etcd {dict(delta)}")
 
@@ -276,6 +306,8 @@ def run(options: Options) -> list[Row]:
 
     per = max(1, refreshes)
     txn, rng_ = delta["Txn"] / per, delta["Range"] / per
+    # Each refresh is followed by the 2 replicas that do not own the account.
+    events = followed / per / 2
     keepalive = delta["LeaseKeepAlive"] / window
     label = f"3 replicas x {n:,} accounts"
     return [
@@ -291,6 +323,15 @@ def run(options: Options) -> list[Row]:
         Row(
             f"etcd client bytes per refresh (in + out, 3 members), {label}",
             f"{delta['bytes'] / per:,.0f} B",
+        ),
+        Row(
+            f"record events a follower receives per refresh, {label}",
+            f"{events:.2f}",
+            f"{followed} received by the 3 replicas in {window:.0f} s",
+            notes=[
+                f"one event as sent: {per_event:,.0f} B; the in-flight mark is one of the "
+                f"two: {2 * per_event:,.0f} B per refresh to its 2 followers"
+            ],
         ),
         Row(
             f"takeover after SIGSTOP+SIGKILL of a replica ({victim_accounts:,} accounts)",

@@ -6,6 +6,7 @@ taken over, and a paused replica that lost its lease commits nothing."""
 from __future__ import annotations
 
 import base64
+import io
 import os
 import random
 import signal
@@ -23,6 +24,7 @@ import pytest
 from tests.conftest import Tokend, base_config, wait_until
 from tests.etcd_cluster import EtcdCluster
 from tests.idp_harness import IdP
+from tokend.client_commands import status_command
 from tokend.store._crypto import RecordCipher
 
 LEASE_TTL = 2.0
@@ -111,6 +113,24 @@ def seed_accounts(fleet: Fleet, idp: IdP, count: int) -> list[str]:
         name: {"provider": "idp", "refresh_token": idp.seed("basic-client")} for name in names
     }
     return names
+
+
+def socket_get(replica: Tokend, path: str) -> httpx.Response:
+    transport = httpx.HTTPTransport(uds=str(replica.workdir / "tokend.sock"))
+    with httpx.Client(transport=transport, base_url="http://tokend", timeout=5) as client:
+        return client.get(path)
+
+
+def accounts_view(replica: Tokend) -> dict[str, dict[str, Any]]:
+    """/v1/accounts of ``replica``, by account name."""
+    return {a["name"]: a for a in socket_get(replica, "/v1/accounts").json()["accounts"]}
+
+
+def owned_gauge(replica: Tokend) -> float:
+    for line in socket_get(replica, "/metrics").text.splitlines():
+        if line.startswith("tokend_accounts_owned "):
+            return float(line.split()[1])
+    raise AssertionError("no tokend_accounts_owned in /metrics")
 
 
 def token_file_valid(replica: Tokend, account: str, now: float) -> bool:
@@ -244,6 +264,7 @@ def kill_outside_exchange(fleet: Fleet, victim: Tokend, reader: Reader) -> None:
 
 def test_a_paused_replica_past_its_lease_commits_nothing(fleet: Fleet, fresh_idp: IdP) -> None:
     names = seed_accounts(fleet, fresh_idp, 4)
+    fleet.config["serve"]["socket"] = "./tokend.sock"
     paused, other = fleet.start(2)
     wait_until(
         lambda: all(token_file_valid(r, n, time.time()) for r in (paused, other) for n in names),
@@ -252,6 +273,23 @@ def test_a_paused_replica_past_its_lease_commits_nothing(fleet: Fleet, fresh_idp
     )
     assert paused.proc is not None
     paused_id = fleet.replica_id(paused)
+    other_id = fleet.replica_id(other)
+
+    # Both replicas show the same owner per account, each says whether it is the
+    # owner, and the owned gauges add up to every account.
+    def agreed() -> bool:
+        views = [accounts_view(paused), accounts_view(other)]
+        owners = {n: views[0][n]["owner"] for n in names}
+        return (
+            all(views[1][n]["owner"] == owners[n] for n in names)
+            and set(owners.values()) <= {paused_id, other_id}
+            and all(views[0][n]["owned_here"] == (owners[n] == paused_id) for n in names)
+            and all(views[1][n]["owned_here"] == (owners[n] == other_id) for n in names)
+            and owned_gauge(paused) == sum(owner == paused_id for owner in owners.values())
+            and owned_gauge(paused) + owned_gauge(other) == len(names)
+        )
+
+    wait_until(agreed, timeout=10, what="both replicas agreeing on every account's owner")
     old_lease = paused.events("etcd_joined")[-1]["lease"]
     paused.proc.send_signal(signal.SIGSTOP)
     stopped_at = time.time()
@@ -265,6 +303,16 @@ def test_a_paused_replica_past_its_lease_commits_nothing(fleet: Fleet, fresh_idp
             timeout=LEASE_TTL + 12,
             what="the other replica owning and refreshing every account",
         )
+        # The survivor owns every account, and says so.
+        wait_until(lambda: owned_gauge(other) == len(names), timeout=5, what="the survivor's gauge")
+        view = accounts_view(other)
+        assert all(view[n]["owner"] == other_id and view[n]["owned_here"] for n in names)
+        out = io.StringIO()
+        socket = str(other.workdir / "tokend.sock")
+        assert status_command(socket_arg=socket, config_arg=None, out=out) == 0
+        table = out.getvalue().splitlines()
+        assert "OWNER" in table[0].split()
+        assert all(f"{other_id} (here)" in row for row in table[1:]), table
     finally:
         paused.proc.send_signal(signal.SIGCONT)
     # Awake again, with timers overdue and a lease that no longer exists.
@@ -277,7 +325,6 @@ def test_a_paused_replica_past_its_lease_commits_nothing(fleet: Fleet, fresh_idp
 
     # SIGTERM: the replica revokes its lease on the way out, so the other one owns
     # every account at once rather than after the lease would have expired.
-    other_id = fleet.replica_id(other)
 
     def owners() -> list[str]:
         found = fleet.etcd.get_prefix(fleet.prefix + "owners/")

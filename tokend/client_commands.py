@@ -256,7 +256,9 @@ _LAST_ERROR_WIDTH = 60
 
 
 def format_status(accounts: list[dict[str, Any]], now: float) -> str:
-    """The ``tokend status`` table."""
+    """The ``tokend status`` table. With replicas sharing accounts, an OWNER column:
+    the replica that refreshes the account, marked ``(here)`` when it is this one."""
+    shared = any("owner" in a for a in accounts)
     header = (
         "ACCOUNT",
         "PROVIDER",
@@ -265,6 +267,7 @@ def format_status(accounts: list[dict[str, Any]], now: float) -> str:
         "LAST REFRESH",
         "NEXT REFRESH",
         "REAUTH BY",
+        *(("OWNER",) if shared else ()),
         "LAST ERROR",
     )
     rows = [header]
@@ -279,6 +282,7 @@ def format_status(accounts: list[dict[str, Any]], now: float) -> str:
                 _ago(a.get("last_refresh_at"), now),
                 _until(a.get("next_refresh_at"), now),
                 _reauth_by(a, now),
+                *((_owner_column(a),) if shared else ()),
                 _truncate(_error_column(a), _LAST_ERROR_WIDTH),
             )
         )
@@ -288,6 +292,13 @@ def format_status(accounts: list[dict[str, Any]], now: float) -> str:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
         lines.append("  ".join([*cells, row[-1]]).rstrip())
     return "\n".join(lines) + "\n"
+
+
+def _owner_column(account: dict[str, Any]) -> str:
+    owner = account.get("owner")
+    if not owner:
+        return "-"
+    return f"{owner} (here)" if account.get("owned_here") else str(owner)
 
 
 def _error_column(account: dict[str, Any]) -> str:

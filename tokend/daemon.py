@@ -163,6 +163,8 @@ class Daemon:
             writeback_pending=None if sink is None else lambda: len(sink.pending),
         )
         engine.observers.append(self.metrics)
+        if isinstance(store, SharedStore):
+            self.metrics.count_ownership(store.ownership)
         if self.config.serve.socket is not None:
             # Last: a connection it wakes finds the token files already written.
             feed = self.feed = TokenFeed(engine, self.config.serve.waiters_limit)

@@ -41,6 +41,9 @@ On the unix socket::
         (its provider's refresh_token_max_age, an expiry the IdP reported that
         refreshes do not move, and while it cannot be refreshed, its idle limit);
         reauth_warning: true once that is within the provider's reauth_warning.
+        With replicas sharing accounts (state.backend etcd) also "owner" (the id of
+        the replica that refreshes the account, null while none does) and
+        "owned_here" (whether that is this replica).
     PUT  /v1/accounts/{account}/seed    body {"refresh_token": "..."}
         A new seed from a sign-in (``tokend login``), accepted only from the daemon's
         own uid or root (SO_PEERCRED). Written to the account's seed file when it has
@@ -97,6 +100,7 @@ from tokend.publish._http import (
     json_response,
 )
 from tokend.publish._peercred import PeerCred
+from tokend.store import SharedStore
 
 if TYPE_CHECKING:
     from tokend.engine import Account, Engine
@@ -507,7 +511,9 @@ class Api:
             account = await self._engine.force_refresh(name, self._wait_max)
         except KeyError:
             return self._reply("seed", 404, _UNKNOWN_ACCOUNT)
-        view = _account_view(account, self._now(), self._publish_failures().get(name))
+        view = _account_view(
+            account, self._now(), self._publish_failures().get(name), self._shared_store()
+        )
         return self._reply("seed", 200, json_response(200, view))
 
     # -- revocation -------------------------------------------------------------------------------
@@ -538,7 +544,9 @@ class Api:
         account = self._engine.accounts.get(name)
         if account is None:
             return self._reply("revoke", 404, _UNKNOWN_ACCOUNT)
-        view = _account_view(account, self._now(), self._publish_failures().get(name))
+        view = _account_view(
+            account, self._now(), self._publish_failures().get(name), self._shared_store()
+        )
         return self._reply("revoke", 200, json_response(200, {**view, "message": message}))
 
     # -- state, probes, metrics -----------------------------------------------------------------
@@ -551,15 +559,20 @@ class Api:
                     failures.setdefault(name, why)
         return failures
 
+    def _shared_store(self) -> SharedStore | None:
+        store = self._engine.store
+        return store if isinstance(store, SharedStore) else None
+
     def _accounts(self) -> bytes:
         now = self._now()
         accounts = self._engine.accounts
         failures = self._publish_failures()
+        shared = self._shared_store()
         return json_response(
             200,
             {
                 "accounts": [
-                    _account_view(accounts[name], now, failures.get(name))
+                    _account_view(accounts[name], now, failures.get(name), shared)
                     for name in sorted(accounts)
                 ]
             },
@@ -753,7 +766,10 @@ def _epoch(ts: float | None) -> int | None:
 
 
 def _account_view(
-    account: Account, now: float, publish_error: str | None = None
+    account: Account,
+    now: float,
+    publish_error: str | None = None,
+    shared: SharedStore | None = None,
 ) -> dict[str, object]:
     token = account.published
     deadline = account.reauth_deadline
@@ -776,4 +792,7 @@ def _account_view(
     }
     if account.config.writes_back:
         view["vault_writeback_pending"] = account.writeback_pending
+    if shared is not None:
+        view["owner"] = shared.owner_of(account.name)
+        view["owned_here"] = shared.owns(account.name)
     return view

@@ -24,6 +24,23 @@ methods below):
     Socket connections waiting for token changes now (long-polls and event streams;
     at most ``serve.max_waiters``).
 
+Replicas sharing accounts (``state.backend: etcd``), read from the store at scrape time:
+
+``tokend_accounts_owned`` gauge
+    Accounts this replica owns (refreshes) now; the others it follows. Summed over
+    the fleet it is the number of accounts once every account has an owner.
+``tokend_replicas`` gauge
+    Live replicas this one sees in the membership, itself included.
+``tokend_store_accounts_acquired_total`` counter
+    Accounts this replica became the owner of (at start, at a rebalance, at a
+    takeover from a replica whose lease ran out).
+``tokend_store_fenced_writes_total`` counter
+    Writes refused because the account's ownership had moved (this replica's lease
+    ran out while it was paused or cut off): each one a write that did not land.
+``tokend_store_records_followed_total`` counter
+    Records written by other replicas and received here (each refresh elsewhere is
+    two: the in-flight mark and the commit).
+
 The engine's view, computed at scrape time:
 
 ``tokend_accounts{provider,state}`` gauge
@@ -126,6 +143,7 @@ from tokend.publish._base import ReportingPublisher
 
 if TYPE_CHECKING:
     from tokend.clock import Clock
+    from tokend.store import Ownership
 
 REFRESH_OUTCOMES: tuple[str, ...] = ("success", "unsaved", *(kind.value for kind in FailureKind))
 
@@ -486,6 +504,39 @@ class _Waiting:
         )
 
 
+class _Replicas:
+    """The shared store's series, read from its ownership view at scrape time."""
+
+    def __init__(self, read: Callable[[], Ownership]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[Metric]:
+        view = self.read()
+        yield GaugeMetricFamily(
+            "tokend_accounts_owned",
+            "Accounts this replica owns (refreshes) in the shared store.",
+            value=view.owned,
+        )
+        yield GaugeMetricFamily(
+            "tokend_replicas", "Live replicas seen, this one included.", value=view.replicas
+        )
+        yield CounterMetricFamily(
+            "tokend_store_accounts_acquired",
+            "Accounts this replica became the owner of (start, rebalance, takeover).",
+            value=view.acquired_total,
+        )
+        yield CounterMetricFamily(
+            "tokend_store_fenced_writes",
+            "Writes refused because the account's ownership had moved.",
+            value=view.fenced_writes_total,
+        )
+        yield CounterMetricFamily(
+            "tokend_store_records_followed",
+            "Records written by other replicas and received here.",
+            value=view.records_followed_total,
+        )
+
+
 class _Scrape:
     """What one scrape exposes: the registry's series, then the snapshot's.
 
@@ -628,6 +679,10 @@ class Metrics:
     def count_waiting(self, count: Callable[[], int]) -> None:
         """Expose ``count()``, the connections waiting for token changes."""
         self.registry.register(_Waiting(count))
+
+    def count_ownership(self, read: Callable[[], Ownership]) -> None:
+        """Expose a shared store's ``ownership()`` (replicas sharing accounts)."""
+        self.registry.register(_Replicas(read))
 
     # -- exposition ---------------------------------------------------------------------
 

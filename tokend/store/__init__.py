@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from tokend.store._base import (
     AccountsAcquired,
+    Ownership,
     RecordWritten,
     SharedStore,
     Store,
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AccountsAcquired",
+    "Ownership",
     "RecordWritten",
     "SharedStore",
     "Store",

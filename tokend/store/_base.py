@@ -85,6 +85,24 @@ class AccountsAcquired:
 StoreChange = RecordWritten | AccountsAcquired
 
 
+@dataclass(frozen=True, slots=True)
+class Ownership:
+    """A shared store's view of the fleet, for metrics and status."""
+
+    # This replica's id (as the other replicas and etcd name it).
+    replica: str
+    # Accounts this replica owns (refreshes) now.
+    owned: int
+    # Live replicas, this one included.
+    replicas: int
+    # Accounts this replica became the owner of since it started (joins, takeovers).
+    acquired_total: int
+    # Writes refused because ownership had moved (a lease that ran out).
+    fenced_writes_total: int
+    # Records written by other replicas and received through the watch.
+    records_followed_total: int
+
+
 @runtime_checkable
 class SharedStore(Store, Protocol):
     """A store that replicas share: each account is owned (refreshed) by one of them,
@@ -100,4 +118,16 @@ class SharedStore(Store, Protocol):
 
     def owned_elsewhere(self, account: str) -> bool:
         """Another live replica owns ``account`` (it refreshes it, this one follows)."""
+        ...
+
+    def owner_of(self, account: str) -> str | None:
+        """The id of the replica that owns ``account`` now; None while nobody does."""
+        ...
+
+    def owns(self, account: str) -> bool:
+        """This replica owns ``account`` (holds the right to refresh it)."""
+        ...
+
+    def ownership(self) -> Ownership:
+        """Counts of what this replica owns and follows (cheap: read from memory)."""
         ...

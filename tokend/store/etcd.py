@@ -50,6 +50,7 @@ from tokend.logs import get_logger
 from tokend.model import StoredAccount, TokenSet
 from tokend.store._base import (
     AccountsAcquired,
+    Ownership,
     RecordWritten,
     StoreChange,
     StoreConflict,
@@ -205,6 +206,7 @@ class EtcdStore:
         # Counters for metrics and benchmarks.
         self.fenced_writes = 0
         self.takeovers = 0
+        self.records_followed = 0
 
     def __repr__(self) -> str:
         return f"EtcdStore({list(self.settings.endpoints)!r}, prefix={self.settings.prefix!r})"
@@ -401,8 +403,21 @@ class EtcdStore:
         return account in self._state.held
 
     def owner_of(self, account: str) -> str | None:
+        if account in self._state.held:
+            return self.replica_id
         entry = self._state.owners.get(account)
         return None if entry is None else entry[0]
+
+    def ownership(self) -> Ownership:
+        st = self._state
+        return Ownership(
+            replica=self.replica_id,
+            owned=len(st.held),
+            replicas=len(st.members),
+            acquired_total=self.takeovers,
+            fenced_writes_total=self.fenced_writes,
+            records_followed_total=self.records_followed,
+        )
 
     @property
     def members(self) -> frozenset[str]:
@@ -600,6 +615,7 @@ class EtcdStore:
                 _log.error("store_record_unreadable", account=account, error=str(exc))
                 return
             if record is not None:
+                self.records_followed += 1
                 await self._tell(RecordWritten(record))
         elif key.startswith(self._owners_prefix):
             account = _suffix(key, self._owners_prefix)
