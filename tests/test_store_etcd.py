@@ -7,14 +7,15 @@ import base64
 import itertools
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
+import httpx
 import pytest
 
-from tests.etcd_cluster import EtcdCluster
+from tests.etcd_cluster import EtcdCluster, b64
 from tokend.model import StoredAccount, TokenSet
 from tokend.store import StoreConflict, StoreError
 from tokend.store.etcd import EtcdSettings, EtcdStore, StoreFenced, rendezvous_owner
@@ -308,16 +309,15 @@ async def test_no_quorum_stops_claims_and_they_resume_when_it_returns(
     ("state", "message"),
     [
         ({"backend": "etcd"}, "needs endpoints"),
-        ({"backend": "etcd", "endpoints": ["http://127.0.0.1:2379"]}, "encryption_key_file"),
         ({"backend": "etcd", "endpoints": ["127.0.0.1:2379"]}, "a URL like"),
         (
             {
                 "backend": "etcd",
                 "endpoints": ["https://e:2379"],
                 "encryption_key_file": "k",
-                "username": "tokend",
+                "password_file": "p",
             },
-            "username and password_file go together",
+            "password_file needs username",
         ),
         (
             {
@@ -359,3 +359,127 @@ async def test_refresh_token_lifetimes_round_trip_and_are_optional(
             )
         )
         assert await store.load("bob") == tracked
+
+
+def test_etcd_state_config_leaves_the_key_and_password_to_other_sources() -> None:
+    """Like the sqlite store's, the key (and with a username the password) may come
+    from the environment or a systemd credential: the config need not name a file."""
+    from tokend.config._schema import StateConfig
+    from tokend.store import open_store
+
+    state = StateConfig.model_validate(
+        {"backend": "etcd", "endpoints": ["https://e:2379"], "username": "tokend"}
+    )
+    store = open_store(state)
+    assert isinstance(store, EtcdStore)
+    assert store.settings.encryption_key_file is None and store.settings.password_file is None
+
+
+@pytest.fixture
+def credentials(tmp_path: Path, key_file: Path) -> Path:
+    """A systemd credentials directory: the state key and the etcd password."""
+    directory = tmp_path / "credentials"
+    directory.mkdir()
+    (directory / "tokend-state-key").write_bytes(key_file.read_bytes())
+    (directory / "tokend-etcd-password").write_text("tokend-pw\n")
+    return directory
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("source", ["environment", "credential"])
+async def test_the_state_key_comes_from_the_environment_or_a_systemd_credential(
+    settings: Callable[..., EtcdSettings],
+    credentials: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    source: str,
+) -> None:
+    monkeypatch.delenv("TOKEND_STATE_KEY", raising=False)
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    elsewhere = EtcdStore(settings("a", encryption_key_file=None))
+    with pytest.raises(StoreError) as missing:
+        await elsewhere.open()
+    for where in ("state.encryption_key_file", "$TOKEND_STATE_KEY", "tokend-state-key"):
+        assert where in str(missing.value)
+    if source == "environment":
+        key = (credentials / "tokend-state-key").read_text()
+        monkeypatch.setenv("TOKEND_STATE_KEY", key.strip())
+    else:
+        monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    await elsewhere.open()
+    try:
+        written = await elsewhere.put(record("alice", "rt-sealed"))
+    finally:
+        await elsewhere.close()
+    # Sealed with that key: a store reading the same key from a file opens it.
+    async with running(settings("b")) as reader:
+        assert await reader.load("alice") == written
+
+
+AUTH_PREFIX = "/auth-test/"
+
+
+@pytest.fixture
+def auth_cluster(tmp_path: Path) -> Iterator[EtcdCluster]:
+    """A cluster with authentication on (a member of its own: auth is cluster-wide),
+    and a user ``tokend`` (password ``tokend-pw``) that may use AUTH_PREFIX only."""
+
+    def post(path: str, body: dict[str, object]) -> None:
+        httpx.post(f"{endpoint}/v3/auth/{path}", json=body, timeout=10).raise_for_status()
+
+    with EtcdCluster(tmp_path / "etcd", size=1) as cluster:
+        endpoint = cluster.endpoints[0]
+        post("role/add", {"name": "root"})
+        post("user/add", {"name": "root", "password": "root-pw"})
+        post("user/grant", {"user": "root", "role": "root"})
+        post("role/add", {"name": "tokend"})
+        scope = {
+            "key": b64(AUTH_PREFIX),
+            "range_end": b64(AUTH_PREFIX[:-1] + "0"),
+            "permType": "READWRITE",
+        }
+        post("role/grant", {"name": "tokend", "perm": scope})
+        post("user/add", {"name": "tokend", "password": "tokend-pw"})
+        post("user/grant", {"user": "tokend", "role": "tokend"})
+        post("enable", {})
+        yield cluster
+
+
+@pytest.mark.anyio
+async def test_the_etcd_password_comes_from_a_file_the_environment_or_a_credential(
+    auth_cluster: EtcdCluster,
+    key_file: Path,
+    credentials: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("TOKEND_ETCD_PASSWORD", raising=False)
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+
+    def settings(**changes: object) -> EtcdSettings:
+        values: dict[str, object] = {
+            "endpoints": auth_cluster.endpoints,
+            "encryption_key_file": key_file,
+            "prefix": AUTH_PREFIX,
+            "username": "tokend",
+            "replica_id": "r",
+        }
+        values.update(changes)
+        return EtcdSettings(**values)  # type: ignore[arg-type]
+
+    with pytest.raises(StoreError, match=r"\$TOKEND_ETCD_PASSWORD"):
+        await EtcdStore(settings()).open()
+    sources = [
+        ("file", {"password_file": credentials / "tokend-etcd-password"}, {}),
+        ("environment", {}, {"TOKEND_ETCD_PASSWORD": "tokend-pw"}),
+        ("credential", {}, {"CREDENTIALS_DIRECTORY": str(credentials)}),
+    ]
+    for name, changes, env in sources:
+        with monkeypatch.context() as scoped:
+            for var, value in env.items():
+                scoped.setenv(var, value)
+            async with running(settings(**changes)) as store:
+                written = await store.put(record(f"via-{name}"))
+                assert await store.load(f"via-{name}") == written
+    # A wrong password is refused by the cluster, with a message naming the user.
+    monkeypatch.setenv("TOKEND_ETCD_PASSWORD", "wrong")
+    with pytest.raises(StoreError, match="tokend"):
+        await EtcdStore(settings()).open()

@@ -137,13 +137,16 @@ class StateConfig(_Model):
     backend: Literal["sqlite", "etcd"] = "sqlite"
     path: Path = Path("./var/tokend.db")
     # AES-GCM key for the tokens at rest (32 bytes, raw or base64). Without it, the
-    # key may come from $TOKEND_STATE_KEY or the systemd credential tokend-state-key.
+    # key may come from $TOKEND_STATE_KEY or the systemd credential tokend-state-key
+    # (backend etcd needs one of the three).
     encryption_key_file: Path | None = None
     # backend: etcd (replicas sharing accounts).
     endpoints: tuple[str, ...] = ()
     prefix: str = "/tokend/"
     tls: StateTLSConfig | None = None
     username: str | None = None
+    # Without it, the password may come from $TOKEND_ETCD_PASSWORD or the systemd
+    # credential tokend-etcd-password.
     password_file: Path | None = None
     # A replica that stops renewing its lease loses its accounts after this long.
     lease_ttl: Duration = 5.0
@@ -165,12 +168,8 @@ class StateConfig(_Model):
             return self
         if not self.endpoints:
             raise ValueError("backend etcd needs endpoints (the cluster's client URLs)")
-        if self.encryption_key_file is None:
-            raise ValueError(
-                "backend etcd needs encryption_key_file: refresh tokens leave this host"
-            )
-        if (self.username is None) != (self.password_file is None):
-            raise ValueError("username and password_file go together")
+        if self.password_file is not None and self.username is None:
+            raise ValueError("password_file needs username (the etcd user it is for)")
         if not self.prefix.startswith("/") or not self.prefix.endswith("/"):
             raise ValueError("prefix starts and ends with '/' (like /tokend/)")
         if not 2 <= self.lease_ttl <= 300:

@@ -59,7 +59,6 @@ def open_store(config: StateConfig) -> Store:
     if config.backend == "etcd":
         from tokend.store.etcd import EtcdSettings, EtcdStore
 
-        assert config.encryption_key_file is not None  # the schema requires it for etcd
         tls = config.tls
         return EtcdStore(
             EtcdSettings(

@@ -23,10 +23,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
+from tokend.store._secret_sources import SecretSource, SecretUnreadable, configured_secret
+
 __all__ = [
     "KEY_BYTES",
     "KEY_ENV_VAR",
     "SEALED_PREFIX",
+    "STATE_KEY",
     "RecordCipher",
     "StateKeyError",
     "TokenCipher",
@@ -41,6 +44,9 @@ _NONCE_BYTES: Final = 12
 SEALED_PREFIX: Final = "enc1:"
 KEY_ENV_VAR: Final = "TOKEND_STATE_KEY"
 CREDENTIAL_NAME: Final = "tokend-state-key"
+STATE_KEY: Final = SecretSource(
+    "state encryption key", "state.encryption_key_file", KEY_ENV_VAR, CREDENTIAL_NAME
+)
 # A known value sealed with the key, stored beside the records: a wrong key is found at
 # open, before any record is read, rather than as a "malformed record" later.
 _CHECK_PLAINTEXT: Final = b"tokend state key check"
@@ -73,28 +79,19 @@ def parse_key(raw: bytes, where: str) -> bytes:
 
 def load_key(path: Path) -> bytes:
     """The 32-byte key in ``path``: raw bytes, or base64 text (with or without padding)."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise StateKeyError(
-            f"state encryption key {path}: cannot read it: {exc.strerror or exc}"
-        ) from None
-    return parse_key(raw, f"state encryption key {path}")
+    key = configured_key(path, {})
+    assert key is not None  # a file was named
+    return key
 
 
 def configured_key(key_file: Path | None, environ: Mapping[str, str] | None = None) -> bytes | None:
     """The state key from the file, the environment or a systemd credential (in that
     order); None when none is configured anywhere."""
-    env = os.environ if environ is None else environ
-    if key_file is not None:
-        return load_key(key_file)
-    if value := env.get(KEY_ENV_VAR):
-        return parse_key(value.encode(), f"${KEY_ENV_VAR}")
-    if directory := env.get("CREDENTIALS_DIRECTORY"):
-        credential = Path(directory) / CREDENTIAL_NAME
-        if credential.exists():
-            return load_key(credential)
-    return None
+    try:
+        found = configured_secret(STATE_KEY, key_file, environ)
+    except SecretUnreadable as exc:
+        raise StateKeyError(str(exc)) from None
+    return None if found is None else parse_key(*found)
 
 
 class RecordCipher:

@@ -56,7 +56,7 @@ from tokend.store._base import (
     StoreConflict,
     StoreError,
 )
-from tokend.store._crypto import RecordCipher, StateKeyError, load_key
+from tokend.store._crypto import STATE_KEY, RecordCipher, StateKeyError, configured_key
 from tokend.store._etcd_client import (
     EtcdClient,
     EtcdError,
@@ -72,6 +72,7 @@ from tokend.store._etcd_client import (
     op_range,
     prefix_end,
 )
+from tokend.store._secret_sources import SecretSource, SecretUnreadable, configured_secret
 
 __all__ = ["EtcdSettings", "EtcdStore", "StoreFenced", "rendezvous_owner"]
 
@@ -84,6 +85,10 @@ _KEYS_PER_TXN: Final = 128
 # one round of txns each.
 _ACQUIRE_PARALLEL: Final = 16
 _ENVELOPE_VERSION: Final = 1
+# With state.username: the password, from the file, the environment or a credential.
+ETCD_PASSWORD: Final = SecretSource(
+    "etcd password", "state.password_file", "TOKEND_ETCD_PASSWORD", "tokend-etcd-password"
+)
 _SWEEP_INTERVAL: Final = 3.0
 
 
@@ -96,7 +101,9 @@ class EtcdSettings:
     """What the etcd store needs, taken from ``state:`` in the config."""
 
     endpoints: Sequence[str]
-    encryption_key_file: Path
+    # None: the key comes from $TOKEND_STATE_KEY or the systemd credential (as for
+    # the sqlite store); so does the password, with a username.
+    encryption_key_file: Path | None = None
     prefix: str = "/tokend/"
     lease_ttl: float = 5.0
     request_timeout: float = 0.5
@@ -226,18 +233,8 @@ class EtcdStore:
         if self._client is not None:
             return
         s = self.settings
-        try:
-            self._cipher = RecordCipher(load_key(s.encryption_key_file))
-        except StateKeyError as exc:
-            raise StoreError(str(exc)) from None
-        password = None
-        if s.password_file is not None:
-            try:
-                password = s.password_file.read_text().strip()
-            except OSError as exc:
-                raise StoreError(
-                    f"etcd password file {s.password_file}: cannot read it: {exc.strerror or exc}"
-                ) from None
+        self._cipher = RecordCipher(_state_key(s))
+        password = _password(s)
         client = EtcdClient(
             s.endpoints,
             request_timeout=s.request_timeout,
@@ -930,6 +927,35 @@ def _opt_float(value: object) -> float | None:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     raise ValueError("a time is not a number")
+
+
+def _state_key(s: EtcdSettings) -> bytes:
+    try:
+        key = configured_key(s.encryption_key_file)
+    except StateKeyError as exc:
+        raise StoreError(str(exc)) from None
+    if key is None:
+        raise StoreError(
+            "etcd store needs a state encryption key (refresh tokens leave this host): "
+            + STATE_KEY.where()
+        )
+    return key
+
+
+def _password(s: EtcdSettings) -> str | None:
+    if s.username is None:
+        return None
+    try:
+        found = configured_secret(ETCD_PASSWORD, s.password_file)
+    except SecretUnreadable as exc:
+        raise StoreError(str(exc)) from None
+    if found is None:
+        raise StoreError(f"etcd user {s.username!r} needs a password: {ETCD_PASSWORD.where()}")
+    raw, where = found
+    try:
+        return raw.decode().strip()
+    except UnicodeDecodeError:
+        raise StoreError(f"{where}: the password is not UTF-8 text") from None
 
 
 def _bytes_to_b64(value: object) -> str:
