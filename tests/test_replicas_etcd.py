@@ -1,7 +1,8 @@
 """Replicas sharing accounts through a real 3-member etcd cluster, against the real IdP
 with refresh token rotation on and no reuse grace: each account is refreshed by one
 replica at a time, every replica serves every account, a dead replica's accounts are
-taken over, and a paused replica that lost its lease commits nothing."""
+taken over, and a paused replica that lost its lease commits nothing. A seed in a vault
+is written back by the account's owner alone, and a takeover goes on with its chain."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import pytest
 from tests.conftest import Tokend, base_config, wait_until
 from tests.etcd_cluster import EtcdCluster
 from tests.idp_harness import IdP
+from tests.vault_harness import Bao
 from tokend.client_commands import status_command
 from tokend.store._crypto import RecordCipher
 
@@ -48,6 +50,8 @@ class Fleet:
         self.prefix: str = config["state"]["prefix"]
         self.replicas: list[Tokend] = []
         self.generation = 0
+        # Called with each replica's workdir before it starts (its own files there).
+        self.prepare: Callable[[Path], None] | None = None
 
     def start(self, count: int) -> list[Tokend]:
         started = [self.start_one() for _ in range(count)]
@@ -59,6 +63,8 @@ class Fleet:
         self.generation += 1
         replica = self.factory(self.config, name=f"replica-{self.generation}")
         (replica.workdir / "state.key").write_bytes(self.key)
+        if self.prepare is not None:
+            self.prepare(replica.workdir)
         replica.start()
         self.replicas.append(replica)
         return replica
@@ -385,3 +391,177 @@ def test_without_quorum_tokens_stay_served_refreshes_pause_and_resume(
         what="refreshes resumed",
     )
     assert reuse_detections(fresh_idp) == []
+
+
+@pytest.fixture
+def audited_bao(tmp_path: Path) -> Iterator[Bao]:
+    """An OpenBao dev server of the test's own, whose audit log names who wrote what."""
+    workdir = tmp_path / "bao"
+    workdir.mkdir()
+    server = Bao(workdir, audit_log=workdir / "audit.log").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def vault_calls(bao: Bao, path: str, *operations: str) -> Counter[str]:
+    """Answered requests of ``operations`` on secret/data/PATH, by the display name of
+    the token that made them (the test's own token is "token")."""
+    assert bao.audit_log is not None
+    calls: Counter[str] = Counter()
+    for line in bao.audit_log.read_text().splitlines():
+        entry = orjson.loads(line)
+        request = entry.get("request") or {}
+        if (
+            entry.get("type") == "response"
+            and request.get("operation") in operations
+            and request.get("path") == f"secret/data/{path}"
+            and not entry.get("error")
+        ):
+            calls[entry["auth"]["display_name"]] += 1
+    return calls
+
+
+def vault_writes(bao: Bao, path: str) -> Counter[str]:
+    return vault_calls(bao, path, "create", "update")
+
+
+def vault_chain(bao: Bao, path: str) -> list[str]:
+    """The refresh token of every version of ``path``, oldest first, as sha256."""
+    current = bao.call("GET", f"secret/metadata/{path}")["data"]["current_version"]
+    return [
+        IdP.token_sha256(
+            bao.call("GET", f"secret/data/{path}?version={v}")["data"]["data"]["refresh_token"]
+        )
+        for v in range(1, current + 1)
+    ]
+
+
+def test_a_vault_seed_is_refreshed_and_written_back_by_its_owner_alone(
+    fleet: Fleet, fresh_idp: IdP, audited_bao: Bao
+) -> None:
+    bao = audited_bao
+    grant = fresh_idp.seed_grant("basic-client")
+    path = "tokend/alice"
+    bao.put_secret(path, {"refresh_token": grant["refresh_token"], "owner": "team-a"})
+    bao.call("POST", f"secret/metadata/{path}", {"max_versions": 100})
+    fleet.config["vault"] = {
+        "address": bao.address,
+        "auth": {"method": "token", "token_file": "./vault-token"},
+        "timeout": "1s",
+        "poll_interval": "1s",
+    }
+    fleet.config["serve"]["socket"] = "./tokend.sock"
+    fleet.config["accounts"] = {
+        "alice": {"provider": "idp", "refresh_token": f"vault://secret/{path}#refresh_token"}
+    }
+
+    def own_vault_token(workdir: Path) -> None:
+        # Each replica its own token: the audit log tells their writes apart.
+        token = bao.token(["tokend"], display_name=workdir.name)
+        (workdir / "vault-token").write_text(token + "\n")
+
+    fleet.prepare = own_vault_token
+    replicas = fleet.start(2)
+    by_id = {fleet.replica_id(r): r for r in replicas}
+
+    def agreed_owner() -> Tokend | None:
+        try:
+            views = [accounts_view(r)["alice"] for r in replicas]
+        except httpx.TransportError:
+            return None  # a socket not bound yet
+        owner = by_id.get(views[0]["owner"])
+        if owner is None or views[1]["owner"] != views[0]["owner"]:
+            return None
+        return owner if [v["owned_here"] for v in views] == [r is owner for r in replicas] else None
+
+    def refreshes(replica: Tokend) -> list[dict[str, Any]]:
+        return replica.events("refresh", account="alice", outcome="success")
+
+    def presented() -> list[str]:
+        return [e["refresh_token_sha256"] for e in fresh_idp.log()]
+
+    def in_step() -> bool:
+        # The vault holds what etcd's record holds, and no refresh is on its way.
+        record = fleet.records()["alice"]
+        newest = bao.get_secret(path)[0]["refresh_token"]
+        return record["flight"] is None and newest == record["rt"] != grant["refresh_token"]
+
+    agreed = wait_until(agreed_owner, timeout=20, what="both replicas naming one owner")
+    assert agreed is not None
+    owner = agreed
+    follower = next(r for r in replicas if r is not owner)
+    # The first replica up may have refreshed before the second joined and took the
+    # account (a join moves it by rendezvous hashing): counted from here on.
+    wait_until(in_step, timeout=10, what="the vault in step with etcd")
+    settled = (vault_writes(bao, path), len(refreshes(owner)), len(refreshes(follower)))
+    owner.wait_event("refresh", account="alice", outcome="success", count=settled[1] + 2)
+    wait_until(in_step, timeout=10, what="the vault in step with etcd")
+
+    # (a) The owner alone refreshed and wrote back: every version of the secret is the
+    # next link of the chain the IdP saw, written once, and the newest is the token the
+    # IdP issued last (not presented yet).
+    chain = vault_chain(bao, path)
+    assert chain[:-1] == presented()
+    assert chain[-1] not in presented()
+    assert len(refreshes(follower)) == settled[2]
+    writes = vault_writes(bao, path)
+    owner_name = f"token-{owner.workdir.name}"
+    assert writes - settled[0] == {owner_name: len(refreshes(owner)) - settled[1]}
+    assert sum(writes.values()) == len(chain)
+    # The follower reads the secret when its version moves, and writes nothing.
+    reads = vault_calls(bao, path, "read")[f"token-{follower.workdir.name}"]
+    assert reads <= len(chain), reads
+    assert not accounts_view(follower)["alice"]["vault_writeback_pending"]
+    assert bao.get_secret(path)[0]["owner"] == "team-a"
+
+    # (c) A revoke sent to the follower is refused and revokes nothing: the owner's
+    # next refresh still succeeds.
+    transport = httpx.HTTPTransport(uds=str(follower.workdir / "tokend.sock"))
+    with httpx.Client(transport=transport, base_url="http://tokend", timeout=5) as client:
+        answer = client.post("/v1/accounts/alice/revoke")
+    assert answer.status_code == 502
+    assert answer.json()["error"] == "revoke_failed"
+    assert "another replica owns this account" in answer.json()["detail"]
+    done = len(refreshes(owner))
+    owner.wait_event("refresh", account="alice", outcome="success", count=done + 1)
+    assert accounts_view(follower)["alice"]["state"] == "valid"
+
+    # (b) The owner dies: the follower takes over, goes on with the same chain, and
+    # writes back from then on.
+    owner_writes = vault_writes(bao, path)[owner_name]
+    kill_outside_exchange(fleet, owner, Reader(fleet, []))
+    killed = time.monotonic()
+    follower_id = fleet.replica_id(follower)
+    wait_until(
+        lambda: accounts_view(follower)["alice"]["owner"] == follower_id,
+        timeout=LEASE_TTL + 10,
+        what="the follower owning the account",
+    )
+    took_over = time.monotonic() - killed
+    follower.wait_event("refresh", account="alice", outcome="success", count=settled[2] + 2)
+    wait_until(in_step, timeout=10, what="the vault in step with etcd after the takeover")
+    # Still one link per version: nothing skipped, nothing written twice. (The follower
+    # polls the vault more often than the lease runs out, so it takes over knowing the
+    # dead owner's last write.)
+    chain = vault_chain(bao, path)
+    assert chain[:-1] == presented()
+    assert chain[-1] not in presented()
+    writes = vault_writes(bao, path)
+    assert writes[owner_name] == owner_writes
+    follower_name = f"token-{follower.workdir.name}"
+    assert writes[follower_name] - settled[0][follower_name] == (
+        len(refreshes(follower)) - settled[2]
+    )
+    assert sum(writes.values()) == len(chain)
+    log = fresh_idp.log()
+    assert {e["grant_id"] for e in log} == {grant["grant_id"]}
+    assert all(e["status"] == 200 for e in log), log
+    assert reuse_detections(fresh_idp) == []
+    for replica in replicas:
+        # No replica tried a write it had no right to (a fenced record, a vault conflict).
+        assert replica.events("write_back_failed") == []
+        assert replica.events("store_write_failed") == []
+    assert took_over < LEASE_TTL + 5
+    print(f"requests={len(log)} writes={dict(writes)} takeover={took_over:.2f}s")

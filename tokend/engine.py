@@ -257,8 +257,11 @@ class Engine:
                 )
             if seed_fp != stored.seed_fingerprint:
                 # The same token at a new vault version (another field, or our own
-                # write-back whose record update did not land): the chain goes on.
-                record = await self._put_or_keep(record.evolve(seed_fingerprint=seed_fp))
+                # write-back whose record update did not land): the chain goes on. In a
+                # shared store the owner keeps it with its next write.
+                record = record.evolve(seed_fingerprint=seed_fp)
+                if self._owned_here(name):
+                    record = await self._put_or_keep(record)
             elif first_seen and not isinstance(self.store, SharedStore):
                 # Kept at once. In a shared store only the account's owner may write
                 # it: there it goes with the record's next write (the next refresh).
@@ -816,7 +819,12 @@ class Engine:
         now = self.clock.time()
         for name in names:
             account = self.accounts.get(name)
-            if account is None or account.busy:
+            if account is None:
+                continue
+            # A write-back the previous owner still owed is this replica's now (the
+            # record says so: its token differs from the one its seed names).
+            self._note_write_back(account)
+            if account.busy:
                 continue
             if account.state is AccountState.NEEDS_REAUTH or self._unusable(account):
                 continue
@@ -1080,6 +1088,11 @@ class Engine:
             self._schedule_after_reload(account, now)
 
     async def _keep_chain(self, account: Account, seed_fp: str | None) -> None:
+        if not self._owned_here(account.name):
+            # Only the owner writes the record: it stores the new version with its next
+            # write (a follower's would be refused, once per write-back).
+            account.record = account.record.evolve(seed_fingerprint=seed_fp)
+            return
         try:
             account.record = await put(self, account.record.evolve(seed_fingerprint=seed_fp))
         except StoreError as exc:
@@ -1100,9 +1113,21 @@ class Engine:
 
     def _note_write_back(self, account: Account) -> None:
         sink = self.write_back
-        if sink is not None and sink.applies_to(account.name):
+        if sink is None or not sink.applies_to(account.name):
+            return
+        if self._owned_here(account.name):
             sink.note(account.name, account.record)
-            account.writeback_pending = account.name in sink.pending
+        else:
+            # The owner writes back the tokens it rotates; a follower retrying them
+            # would only race it at the vault. A takeover notes the account again.
+            sink.forget(account.name)
+        account.writeback_pending = account.name in sink.pending
+
+    def _owned_here(self, name: str) -> bool:
+        """Whether this process may write ``name``'s record (always, unless replicas
+        share the store and another one, or none yet, owns it)."""
+        store = self.store
+        return not isinstance(store, SharedStore) or store.owns(name)
 
     def writeback_pending(self) -> list[str]:
         """Accounts whose rotated refresh token is not in the vault yet."""
@@ -1115,7 +1140,10 @@ class Engine:
         if account is None:
             return
         async with self._holding(account):
-            await self._refresh.write_back(account)
+            if self._owned_here(name):
+                await self._refresh.write_back(account)
+            else:
+                self._note_write_back(account)
 
     def _schedule_after_reload(self, account: Account, now: float) -> None:
         if account.state is AccountState.NEEDS_REAUTH or self._unusable(account):

@@ -83,6 +83,10 @@ class SeedWriteBack(Protocol):
         """``record`` is the account's record now: retry its write-back if one is owed."""
         ...
 
+    def forget(self, account: str) -> None:
+        """Another replica owns ``account`` now: its write-back is that replica's."""
+        ...
+
     @property
     def pending(self) -> frozenset[str]:
         """Accounts whose write-back is owed and waits for a retry."""

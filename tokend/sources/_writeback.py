@@ -82,6 +82,9 @@ class VaultWriteBack:
         else:
             self._settled(account, "the vault holds the stored token")
 
+    def forget(self, account: str) -> None:
+        self._pending.pop(account, None)
+
     async def run(self, host: WriteBackHost) -> None:
         """Retry owed write-backs until cancelled; after a conflict, re-read first."""
         while True:
