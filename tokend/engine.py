@@ -70,7 +70,7 @@ from tokend.revoke import (
     revoke_token,
     revokes_on_remove,
 )
-from tokend.runtime import Account, ProviderRuntime
+from tokend.runtime import UNKNOWN_LIFETIME, Account, ProviderRuntime
 from tokend.schedule import RefreshSchedule
 from tokend.seed import new_seed_record, write_seed_file
 from tokend.sources import Seed, SeedSources, continues_chain
@@ -1220,5 +1220,7 @@ def _resolve_timing(*layers: RefreshPolicyConfig) -> RefreshTiming:
 def _resolve_lifetime(
     max_idle: float | None, max_age: float | None, warning: float
 ) -> RefreshLifetime:
-    # One object per provider setting, shared by its accounts.
-    return RefreshLifetime(max_idle=max_idle, max_age=max_age, warning=warning)
+    # One object per provider setting, shared by its accounts; with nothing known, the
+    # one every account starts with (which its checks recognize at once).
+    lifetime = RefreshLifetime(max_idle=max_idle, max_age=max_age, warning=warning)
+    return UNKNOWN_LIFETIME if lifetime == UNKNOWN_LIFETIME else lifetime

@@ -34,7 +34,9 @@ from tokend.policy import (
 
 # Frozen: every account without failures shares this one (56 bytes an account).
 _NO_FAILURES = AccountPolicyState()
-_UNKNOWN_LIFETIME = RefreshLifetime()
+# Nothing known of a provider's refresh-token lifetimes: one object, recognized by identity
+# in the checks every scrape makes for every account.
+UNKNOWN_LIFETIME = RefreshLifetime()
 # States in which no refresh can keep the chain alive.
 _CANNOT_REFRESH = frozenset({AccountState.NEEDS_REAUTH, AccountState.BLOCKED})
 
@@ -73,7 +75,7 @@ class Account:
     # While queued for the provider: the state to return to once it leaves the queue.
     queued_from: AccountState | None = None
     # The provider's refresh-token lifetimes (shared by its accounts).
-    lifetime: RefreshLifetime = _UNKNOWN_LIFETIME
+    lifetime: RefreshLifetime = UNKNOWN_LIFETIME
     # Created on first use: 100,000 accounts need not pay for 200,000 sync primitives
     # at start (each costs an async-library lookup).
     _lock: anyio.Lock | None = field(default=None, repr=False)
@@ -129,7 +131,10 @@ class Account:
         )
 
     def _lifetime_known(self) -> bool:
+        # On every scrape, for every account: the common case (nothing known) first.
         lifetime = self.lifetime
+        if lifetime is UNKNOWN_LIFETIME and self.record.refresh_expires_at is None:
+            return False
         return self.config.grant == "refresh_token" and (
             lifetime.max_idle is not None
             or lifetime.max_age is not None
