@@ -193,6 +193,8 @@ def test_drain_starts_nothing_new_and_commits_what_is_in_flight(
     fresh_idp: IdP, tokend_factory: Any
 ) -> None:
     config = base_config(fresh_idp)
+    # Half a second between requests: time enough, even on a loaded machine, for the
+    # start to queue every account before the second is admitted.
     config["providers"]["idp"]["rate_limit"] = {"rate": 2, "burst": 1}
     config["providers"]["idp"]["max_concurrency"] = 1
     grants = many_accounts(fresh_idp, config, 30)
@@ -332,9 +334,12 @@ def test_earliest_expiry_goes_first_and_waiting_accounts_say_queued(
                 "UPDATE accounts SET expires_at = ?, issued_at = ? WHERE account = ?",
                 (at, at - 600, name),
             )
-    config["providers"]["idp"]["rate_limit"] = {"rate": 4, "burst": 1}
+    # Half a second between requests: time enough, even on a loaded machine, for the
+    # start to queue every account before the second is admitted.
+    config["providers"]["idp"]["rate_limit"] = {"rate": 2, "burst": 1}
     config["providers"]["idp"]["max_concurrency"] = 1
     fresh_idp.reset()
+    fresh_idp.configure(access_token_ttl=60)  # no account comes due twice meanwhile
     restarted = Tokend(tokend.workdir, config)
     restarted.log_path = tokend.workdir / "restarted.log"
     restarted.start()
