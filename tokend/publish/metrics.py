@@ -438,27 +438,9 @@ def _per_account_exposition(snapshot: _Snapshot) -> list[bytes]:
         labels.extend(map(_label_value, names[start : start + step]))
         time.sleep(0)
     pieces = [_EXPIRY_HEADER.encode()]
-    for start in range(0, len(labels), step):
-        lines = [
-            f'tokend_token_expiry_timestamp_seconds{{account="{label}"}} {_sample_value(at)}\n'
-            for label, at in zip(
-                labels[start : start + step], expiries[start : start + step], strict=True
-            )
-            if at is not None
-        ]
-        pieces.append("".join(lines).encode())
-        time.sleep(0)
+    pieces += _timestamp_pieces("tokend_token_expiry_timestamp_seconds", labels, expiries)
     pieces.append(_DEADLINE_HEADER.encode())
-    for start in range(0, len(labels), step):
-        lines = [
-            f'tokend_reauth_deadline_seconds{{account="{label}"}} {_sample_value(at)}\n'
-            for label, at in zip(
-                labels[start : start + step], deadlines[start : start + step], strict=True
-            )
-            if at is not None
-        ]
-        pieces.append("".join(lines).encode())
-        time.sleep(0)
+    pieces += _timestamp_pieces("tokend_reauth_deadline_seconds", labels, deadlines)
     pieces.append(_STATE_HEADER.encode())
     for start in range(0, len(labels), step):
         lines = [
@@ -466,6 +448,25 @@ def _per_account_exposition(snapshot: _Snapshot) -> list[bytes]:
             for label, state in zip(
                 labels[start : start + step], states[start : start + step], strict=True
             )
+        ]
+        pieces.append("".join(lines).encode())
+        time.sleep(0)
+    return pieces
+
+
+def _timestamp_pieces(
+    family: str, labels: list[str], values: Sequence[float | None]
+) -> list[bytes]:
+    """One sample per account that has a value, in pieces (see above)."""
+    pieces: list[bytes] = []
+    step = _FORMAT_STEP
+    for start in range(0, len(labels), step):
+        lines = [
+            f'{family}{{account="{label}"}} {_sample_value(at)}\n'
+            for label, at in zip(
+                labels[start : start + step], values[start : start + step], strict=True
+            )
+            if at is not None
         ]
         pieces.append("".join(lines).encode())
         time.sleep(0)

@@ -302,27 +302,17 @@ class EtcdClient:
         """Every key under ``prefix``, read page by page at one revision (``revision``,
         or the current one) and that revision."""
         end = prefix_end(prefix)
-        first = await self.range(
-            prefix,
-            end,
-            limit=page,
-            revision=revision,
-            keys_only=keys_only,
-            budget=budget,
-            bulk=True,
-        )
+
+        async def read_from(start: bytes, at: int) -> RangeResult:
+            return await self.range(
+                start, end, limit=page, revision=at, keys_only=keys_only, budget=budget, bulk=True
+            )
+
+        first = await read_from(prefix, revision)
         kvs, revision = list(first.kvs), revision or first.revision
         more = first.more
         while more and kvs:
-            nxt = await self.range(
-                kvs[-1].key + b"\0",
-                end,
-                limit=page,
-                revision=revision,
-                keys_only=keys_only,
-                budget=budget,
-                bulk=True,
-            )
+            nxt = await read_from(kvs[-1].key + b"\0", revision)
             kvs.extend(nxt.kvs)
             more = nxt.more
         return kvs, revision
@@ -558,22 +548,24 @@ class EtcdClient:
         return EtcdRejected(f"etcd {path} on {endpoint} refused: {message}")
 
 
-def _answer(path: str, endpoint: str, content: bytes) -> dict[str, Any]:
+def _json_object(content: bytes | str) -> dict[str, Any] | None:
     try:
-        answer = orjson.loads(content)
+        document = orjson.loads(content)
     except orjson.JSONDecodeError:
-        answer = None
-    if not isinstance(answer, dict):
+        return None
+    return document if isinstance(document, dict) else None
+
+
+def _answer(path: str, endpoint: str, content: bytes) -> dict[str, Any]:
+    answer = _json_object(content)
+    if answer is None:
         raise EtcdRejected(f"etcd {path} on {endpoint}: the answer is not a JSON object")
     return answer
 
 
 def _watch_message(endpoint: str, line: str) -> dict[str, Any]:
-    try:
-        message = orjson.loads(line)
-    except orjson.JSONDecodeError:
-        message = None
-    if not isinstance(message, dict):
+    message = _json_object(line)
+    if message is None:
         raise EtcdUnavailable(f"etcd watch on {endpoint}: a message that is not a JSON object")
     return message
 
