@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import wait_until
+from tests.conftest import Tokend, wait_until
 from tests.idp_harness import IdP
 from tests.test_socket_api import (
     RawClient,
@@ -81,15 +81,22 @@ def version_file(tokend: Any, account: str) -> int | None:
         return None
 
 
+def serve_alice(
+    idp: IdP, tokend_factory: Any, sock: Path, **serve: Any
+) -> tuple[Tokend, dict[str, Any]]:
+    """tokend serving one account, alice, with one-hour tokens; and her first token."""
+    idp.configure(access_token_ttl=3600)
+    config = socket_config(idp, sock, **serve)
+    add_account(config, idp, "alice")
+    tokend = start(tokend_factory(config), sock)
+    return tokend, wait_for_token(sock, "alice")
+
+
 def test_long_poll_is_answered_by_the_next_token_and_at_the_wait_end(
     fresh_idp: IdP, tokend_factory: Any, short_dir: Path
 ) -> None:
-    fresh_idp.configure(access_token_ttl=3600)
     sock = short_dir / "tokend.sock"
-    config = socket_config(fresh_idp, sock, force_refresh_interval="0s")
-    add_account(config, fresh_idp, "alice")
-    tokend = start(tokend_factory(config), sock)
-    first = wait_for_token(sock, "alice")
+    tokend, first = serve_alice(fresh_idp, tokend_factory, sock, force_refresh_interval="0s")
     version = first["version"]
     assert isinstance(version, int) and version > 0
     # The socket may answer with a token a moment before its files are written.
@@ -258,12 +265,9 @@ def test_event_stream_and_long_poll_respect_the_allow_list(
 def test_waiting_connections_are_limited_with_a_clear_503(
     fresh_idp: IdP, tokend_factory: Any, short_dir: Path
 ) -> None:
-    fresh_idp.configure(access_token_ttl=3600)
     sock = short_dir / "tokend.sock"
-    config = socket_config(fresh_idp, sock, max_connections=8, max_waiters=2)
-    add_account(config, fresh_idp, "alice")
-    tokend = start(tokend_factory(config), sock)
-    version = wait_for_token(sock, "alice")["version"]
+    tokend, first = serve_alice(fresh_idp, tokend_factory, sock, max_connections=8, max_waiters=2)
+    version = first["version"]
 
     first = long_poll(sock, "alice", version)
     stream = EventReader(sock)
@@ -288,7 +292,7 @@ def test_waiting_connections_are_limited_with_a_clear_503(
 
     # max_waiters must leave connections for reads.
     bad = socket_config(fresh_idp, sock, max_connections=8, max_waiters=8)
-    bad["accounts"] = config["accounts"]
+    bad["accounts"] = tokend.config["accounts"]
     tokend.write_config(bad)
     result = tokend.run_once()
     assert result.returncode != 0
@@ -330,12 +334,8 @@ def test_client_cache_follows_the_pushed_token_not_a_timer(
     from tokend import client as tokend_client
 
     # One-hour tokens: a cache going by time alone would keep the first for a minute.
-    fresh_idp.configure(access_token_ttl=3600)
     sock = short_dir / "tokend.sock"
-    config = socket_config(fresh_idp, sock, force_refresh_interval="0s")
-    add_account(config, fresh_idp, "alice")
-    start(tokend_factory(config), sock)
-    wait_for_token(sock, "alice")
+    serve_alice(fresh_idp, tokend_factory, sock, force_refresh_interval="0s")
     tokend_client.clear_cache()
     sent: list[str] = []
     transport = httpx.MockTransport(
